@@ -1,0 +1,34 @@
+"""Boolean masks (True = may attend) shared by kernels and layers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(nq: int, nk: int, device=None) -> torch.Tensor:
+    """[nq, nk] causal mask aligned bottom-right: query i sits at absolute position nk - nq + i.
+
+    With a KV cache the queries are the newest positions, so bottom-right is the only alignment that
+    makes cached decoding equal the full forward pass.
+    """
+    qi = torch.arange(nq, device=device).unsqueeze(1) + (nk - nq)
+    kj = torch.arange(nk, device=device).unsqueeze(0)
+    return kj <= qi
+
+
+def combine(mask: torch.Tensor | None, causal: bool, nq: int, nk: int, device=None) -> torch.Tensor | None:
+    """Fold the causal flag into an explicit boolean mask (None when nothing is masked)."""
+    if not causal:
+        return mask
+    c = causal_mask(nq, nk, device)
+    return c if mask is None else (mask & c)
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, Nk] bool (True = real token) -> [B, 1, 1, Nk] broadcastable attention mask."""
+    return valid[:, None, None, :]
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, N] document ids -> [B, 1, N, N]: a token sees only tokens of its own document."""
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])

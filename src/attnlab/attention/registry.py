@@ -1,0 +1,294 @@
+"""Attention mechanisms and key/value transforms, registered by name with a config and capabilities.
+
+A *kernel* computes attention from projected q, k, v; every kernel has the same call signature:
+
+    kernel(q, k, v, *, causal: bool, mask: BoolTensor | None, scale: float | None,
+           return_lse: bool = False) -> out  |  (out, lse)
+    q: [B, Hq, Nq, D]   k, v: [B, Hkv, Nk, D]   out: [B, Hq, Nq, D]   lse: [B, Hq, Nq]
+
+`mask` is boolean (True = may attend), broadcastable to [B, Hq, Nq, Nk]. `causal` aligns queries to the
+newest keys (bottom-right), which is what KV-cache decoding needs.
+
+A *transform* rewrites (k, v) between the projections and the kernel (before rotary); KV shifting is one.
+
+Models never branch on which mechanism runs: they ask the registry to build one and check its capabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    causal: bool = True  # supports causal=True
+    noncausal: bool = True  # supports causal=False (encoders, cross-attention)
+    mask: bool = True  # honours an explicit boolean mask (padding, documents)
+    kv_cache: bool = True  # can decode: fewer queries than keys, keys from a cache
+    stochastic: bool = False  # output depends on a random draw
+    trainable: bool = True  # gradients flow to q, k, v
+    lse: bool = True  # can return the log-sum-exp
+
+
+class Kernel(nn.Module):
+    """Base class of attention kernels.
+
+    `mode` lets a trainer or evaluator switch every kernel of a model at once without knowing which
+    mechanisms they are: "auto" is the mechanism's own behaviour, "dense" is exact attention with the same
+    weights. Stochastic kernels add "sample" (subsample even in eval, for self-ensembles).
+    """
+
+    modes: tuple[str, ...] = ("auto", "dense")
+
+    def __init__(self, config: Any = None):
+        super().__init__()
+        self.config = config
+        self.mode = "auto"
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in self.modes:
+            raise UserError(f"attention mode {mode!r} is not one of {', '.join(self.modes)} for {type(self).__name__}")
+        self.mode = mode
+
+    def forward(self, q, k, v, *, causal=False, mask=None, scale=None, return_lse=False):
+        if self.mode == "dense":
+            from .exact import exact_attention
+
+            return exact_attention(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=return_lse)
+        return self.attend(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=return_lse)
+
+    def attend(self, q, k, v, *, causal, mask, scale, return_lse):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Transform(nn.Module):
+    """Base class of key/value transforms.
+
+    forward(k, v, *, reset, state) -> (k, v, new_state)
+      k, v: [B, Hkv, N, D] raw projections; reset: [B, N] bool, True where a token must not look back
+      (document start, or the previous token is padding); state: what the layer's KV cache kept from the
+      previous call (None on the first), and new_state is what it should keep for the next.
+    """
+
+    def __init__(self, config: Any = None, *, n_kv_head: int = 1, head_dim: int = 1):
+        super().__init__()
+        self.config = config
+
+
+@dataclass
+class Entry:
+    name: str
+    config_cls: type
+    cls: type
+    caps: Capabilities
+    description: str
+
+
+_KERNELS: dict[str, Entry] = {}
+_TRANSFORMS: dict[str, Entry] = {}
+
+
+def _register(table, name, config_cls, caps, description):
+    def deco(cls):
+        if name in table:
+            raise ValueError(f"{name!r} is registered twice")
+        doc = description or (cls.__doc__ or "").strip().splitlines()[0]
+        table[name] = Entry(name, config_cls, cls, caps, doc)
+        return cls
+
+    return deco
+
+
+def register_kernel(name: str, config_cls: type, caps: Capabilities = Capabilities(), description: str = ""):
+    return _register(_KERNELS, name, config_cls, caps, description)
+
+
+def register_transform(name: str, config_cls: type, description: str = ""):
+    return _register(_TRANSFORMS, name, config_cls, Capabilities(), description)
+
+
+def _lookup(table, name, what):
+    _load_builtins()
+    if name not in table:
+        raise UserError(f"unknown {what} {name!r}; choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def kernels() -> dict[str, Entry]:
+    _load_builtins()
+    return dict(_KERNELS)
+
+
+def transforms() -> dict[str, Entry]:
+    _load_builtins()
+    return dict(_TRANSFORMS)
+
+
+def kernel_entry(name: str) -> Entry:
+    return _lookup(_KERNELS, name, "attention mechanism")
+
+
+def make_config(config_cls: type, options: dict | None, what: str):
+    """Build a config dataclass from a dict, refusing unknown keys and wrong types with one line."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for {what}; valid: {', '.join(fields) or 'none'}")
+    hints = typing.get_type_hints(config_cls)
+    for key, value in options.items():
+        options[key] = _coerce(value, hints[key], f"{what} option {key!r}")
+    return config_cls(**options)
+
+
+def _coerce(value, tp, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return origin(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def build_kernel(name: str, options: dict | None = None, *, need: dict[str, bool] | None = None) -> Kernel:
+    """Build a registered kernel; `need` names capabilities the caller requires (e.g. {"causal": True})."""
+    entry = kernel_entry(name)
+    check_capabilities(entry, need or {})
+    cfg = make_config(entry.config_cls, options, f"attention {name!r}")
+    return entry.cls(cfg)
+
+
+def check_capabilities(entry: Entry, need: dict[str, bool]) -> None:
+    missing = [cap for cap, wanted in need.items() if wanted and not getattr(entry.caps, cap)]
+    if missing:
+        able = [n for n, e in kernels().items() if all(getattr(e.caps, c) for c in missing)]
+        raise UserError(
+            f"attention {entry.name!r} cannot be used here: it lacks {', '.join(missing)}; "
+            f"mechanisms that can: {', '.join(able) or 'none'}"
+        )
+
+
+def build_transform(name: str, options: dict | None, *, n_kv_head: int, head_dim: int) -> Transform | None:
+    if name in (None, "", "none"):
+        if options:
+            raise UserError("transform options were given but no transform is selected")
+        return None
+    entry = _lookup(_TRANSFORMS, name, "key/value transform")
+    cfg = make_config(entry.config_cls, options, f"transform {name!r}")
+    return entry.cls(cfg, n_kv_head=n_kv_head, head_dim=head_dim)
+
+
+def set_attention_mode(model: nn.Module, mode: str) -> None:
+    """Switch every kernel in `model` to `mode` ("auto", "dense", or a kernel-specific one)."""
+    for m in model.modules():
+        if isinstance(m, Kernel):
+            # Deterministic kernels have nothing to sample: "sample" leaves them as they are.
+            m.set_mode("auto" if mode == "sample" and mode not in m.modes else mode)
+
+
+_loaded = False
+
+
+def _load_builtins():
+    """Import every module of this package once: a mechanism registers itself by existing in its own file."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    from .. import attention
+
+    for info in pkgutil.iter_modules(attention.__path__):
+        importlib.import_module(f"{attention.__name__}.{info.name}")
+
+
+@dataclass
+class AttentionSpec:
+    """Which attention a model uses, typed for YAML and the CLI.
+
+    name/options: the kernel and its config (see `attnlab list`).
+    layers: where `name` runs: "all", "first:N", "last:N", "odd", "even", or "0,3,5"; other layers use exact.
+    transform/transform_options: an optional key/value transform (e.g. "kv_shift") applied in every layer.
+    """
+
+    name: str = "exact"
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: str = "all"
+    transform: str = "none"
+    transform_options: dict[str, Any] = field(default_factory=dict)
+
+
+def select_layers(spec: str, n_layer: int) -> list[int]:
+    """Parse a layer selection ("all", "first:N", "last:N", "odd", "even", "0,3,5") into sorted indices."""
+    s = str(spec).strip().lower()
+    try:
+        if s == "all":
+            out = list(range(n_layer))
+        elif s == "none":
+            out = []
+        elif s == "odd":
+            out = list(range(1, n_layer, 2))
+        elif s == "even":
+            out = list(range(0, n_layer, 2))
+        elif s.startswith(("first:", "last:")):
+            head, _, count = s.partition(":")
+            n = int(count)
+            if n < 0:  # "first:-1" would otherwise select nothing without a word
+                raise ValueError(count)
+            out = list(range(min(n, n_layer))) if head == "first" else list(range(max(0, n_layer - n), n_layer))
+        else:
+            out = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(
+            f"bad layer selection {spec!r}: use all, none, odd, even, first:N, last:N or a list like 0,3,5"
+        ) from None
+    bad = [i for i in out if not 0 <= i < n_layer]
+    if bad:
+        raise UserError(f"layer selection {spec!r} names layers {bad} but the model has {n_layer} (0..{n_layer - 1})")
+    return out
+
+
+Factory = Callable[..., Kernel]

@@ -1,0 +1,222 @@
+"""Claim (Table 1 of "Attention Is All You Need"): self-attention needs O(1) sequential operations per layer
+where a recurrent layer needs O(n), so at equal parameters a Transformer trains on more tokens per second
+than an LSTM, until its O(n²·d) attention term dominates the O(n·d²) of both.
+
+Measured here, side by side in one process, for a Transformer LM and an LSTM LM of (nearly) the same
+parameter count, at sequence lengths 64 … 2048:
+- training throughput: tokens/s of full optimizer steps (forward, backward, Adam) on batches of a fixed token
+  count (tokens_per_batch / n sequences of length n);
+- forward latency: one sequence of length n, no gradients — the sequential chain shows here most plainly.
+The two models alternate within every repetition, so a change in machine load hits both alike; medians are
+reported. A least-squares fit of log(time) on log(n) gives each model's scaling exponent.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..models.lm import LM, LMConfig
+from ..models.rnn import LSTMLM, LSTMLMConfig, match_lstm_width
+from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+
+TABLE1 = [
+    {"layer": "self-attention", "complexity per layer": "O(n²·d)", "sequential operations": "O(1)",
+     "maximum path length": "O(1)"},
+    {"layer": "recurrent", "complexity per layer": "O(n·d²)", "sequential operations": "O(n)",
+     "maximum path length": "O(n)"},
+]
+
+
+@dataclass
+class ParallelConfig(ExperimentConfig):
+    lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
+    vocab_size: int = 256
+    d_model: int = 256  # Transformer width (its d_ff is 4·d_model)
+    n_layer: int = 4  # Transformer layers
+    n_head: int = 4
+    lstm_layers: int = 2  # the LSTM's width is chosen to match the Transformer's parameter count
+    tokens_per_batch: int = 4096
+    repeats: int = 3
+    threads: int = 0  # torch.set_num_threads for the run (0: leave torch's default)
+    reference_length: int = 512  # where the headline ratio is read
+
+
+def build_models(cfg: ParallelConfig):
+    torch.manual_seed(cfg.seed)
+    lm = LM(LMConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+                     max_seq_len=max(cfg.lengths), pos="sinusoidal"))
+    target = lm.num_params(non_embedding=False)
+    lstm_cfg = lambda w: LSTMLMConfig(vocab_size=cfg.vocab_size, d_model=w, n_layer=cfg.lstm_layers)  # noqa: E731
+    width = match_lstm_width(target, lambda w: LSTMLM(lstm_cfg(w)))
+    return {"transformer": lm, "lstm": LSTMLM(lstm_cfg(width))}, width
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Bench:
+    """Timed closures for one model at one length: a training step and a forward pass."""
+
+    def __init__(self, model, n, cfg, device):
+        self.model, self.device = model, device
+        g = torch.Generator().manual_seed(n)
+        b = max(1, cfg.tokens_per_batch // n)
+        self.x = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+        self.y = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+        self.x1 = self.x[:1]
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def train_step(self) -> float:
+        self.model.train()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        _, loss = self.model(self.x, self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def forward(self) -> float:
+        self.model.eval()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.model(self.x1)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def fit_exponent(ns: list[float], ts: list[float]) -> float:
+    """Slope of log t against log n (least squares)."""
+    lx, ly = [math.log(n) for n in ns], [math.log(t) for t in ts]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def crossing(ns: list[int], a: list[float], b: list[float]) -> float | None:
+    """First n (log-interpolated) where a - b changes sign; None when it never does."""
+    for i in range(1, len(ns)):
+        d0, d1 = math.log(a[i - 1] / b[i - 1]), math.log(a[i] / b[i])
+        if d0 == 0:
+            return float(ns[i - 1])
+        if d0 * d1 < 0:
+            f = d0 / (d0 - d1)
+            return math.exp(math.log(ns[i - 1]) + f * (math.log(ns[i]) - math.log(ns[i - 1])))
+    return None
+
+
+def flops_per_token(name: str, model, n: int) -> float:
+    """Training FLOPs per token (forward + backward ≈ 3 × forward): 6·params plus, for attention,
+    the n-dependent scores and weighted sums (2 matmuls of n·d per token per layer, 3× for training)."""
+    params = sum(p.numel() for p in model.parameters())
+    if name == "lstm":
+        return 6.0 * params
+    return 6.0 * params + 12.0 * model.cfg.n_layer * model.cfg.d_model * n
+
+
+@experiment("parallel", ParallelConfig, "training tokens/s and forward latency vs length: Transformer vs LSTM")
+def run(cfg: ParallelConfig, ctx) -> dict:
+    if cfg.quick:
+        cfg = replace(cfg, lengths=[n for n in cfg.lengths if n <= 512] or cfg.lengths[:2], repeats=2,
+                      d_model=min(cfg.d_model, 128), tokens_per_batch=min(cfg.tokens_per_batch, 2048))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    models, width = build_models(cfg)
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    for m in models.values():
+        m.to(ctx.device)
+    print(f"Transformer {params['transformer']:,} parameters, LSTM (width {width}) {params['lstm']:,}; "
+          f"{threads} threads on {ctx.device}")
+    rows = []
+    for n in cfg.lengths:
+        benches = {k: _Bench(m, n, cfg, ctx.device) for k, m in models.items()}
+        times = {k: {"train": [], "fwd": []} for k in models}
+        for b in benches.values():  # warm-up: allocator, one-time kernel selection
+            b.train_step()
+            b.forward()
+        for _ in range(cfg.repeats):
+            for k, b in benches.items():  # alternate, so load changes hit both models alike
+                times[k]["train"].append(b.train_step())
+                times[k]["fwd"].append(b.forward())
+        for k, b in benches.items():
+            t_train, t_fwd = statistics.median(times[k]["train"]), statistics.median(times[k]["fwd"])
+            tokens = b.x.numel()
+            rows.append({"model": k, "n": n, "batch": b.x.shape[0], "train_step_s": t_train,
+                         "train_tokens_per_s": tokens / t_train, "forward_latency_ms": 1000 * t_fwd,
+                         "train_gflops_per_s": flops_per_token(k, models[k], n) * tokens / t_train / 1e9})
+        t, r = (next(x for x in rows if x["model"] == m and x["n"] == n) for m in ("transformer", "lstm"))
+        print(f"n={n:5d}: tokens/s transformer {t['train_tokens_per_s']:9.0f}  lstm {r['train_tokens_per_s']:9.0f}  "
+              f"(×{t['train_tokens_per_s'] / r['train_tokens_per_s']:.2f});  forward ms {t['forward_latency_ms']:8.1f} "
+              f"vs {r['forward_latency_ms']:8.1f}")
+        del benches
+    ctx.write_csv("parallel.csv", rows)
+    return _summarise(cfg, ctx, rows, params, width, threads)
+
+
+def _summarise(cfg, ctx, rows, params, width, threads) -> dict:
+    ns = cfg.lengths
+    col = lambda m, key: [next(r[key] for r in rows if r["model"] == m and r["n"] == n) for n in ns]  # noqa: E731
+    tps = {m: col(m, "train_tokens_per_s") for m in ("transformer", "lstm")}
+    lat = {m: col(m, "forward_latency_ms") for m in ("transformer", "lstm")}
+    # Time per sequence in training: tokens per sequence / tokens per second.
+    seq_time = {m: [n / v for n, v in zip(ns, tps[m])] for m in tps}
+    fits = {m: {"train_time_per_sequence": fit_exponent(ns, seq_time[m]), "forward_latency": fit_exponent(ns, lat[m]),
+                "forward_latency_top_two_lengths": fit_exponent(ns[-2:], lat[m][-2:]) if len(ns) > 1 else None}
+            for m in tps}
+    ratios = [{"n": n, "train_tokens_per_s_ratio": a / b, "forward_latency_ratio_lstm_over_transformer": c / d}
+              for n, a, b, c, d in zip(ns, tps["transformer"], tps["lstm"], lat["lstm"], lat["transformer"])]
+    ref = next((r for r in ratios if r["n"] == cfg.reference_length), ratios[-1])
+    cross_train = crossing(ns, tps["transformer"], tps["lstm"])
+    cross_fwd = crossing(ns, lat["transformer"], lat["lstm"])
+
+    tp_plot = line_plot(ctx.out / "train_tokens_per_s.png",
+                        {f"{m} ({params[m] / 1e6:.2f}M params)": (ns, tps[m]) for m in tps},
+                        xlabel="sequence length n", ylabel="training tokens / s", logx=True, logy=True,
+                        title=f"Training throughput at equal parameters ({threads} CPU threads)" if ctx.device.type == "cpu"
+                        else "Training throughput at equal parameters")
+    lat_plot = line_plot(ctx.out / "forward_latency.png", {m: (ns, lat[m]) for m in lat}, xlabel="sequence length n",
+                         ylabel="forward latency, one sequence (ms)", logx=True, logy=True,
+                         title="Forward latency vs length")
+    r = ctx.report
+    r.h("Parallelism: Transformer vs LSTM at equal parameters", 1)
+    r.p(f"Transformer LM: {cfg.n_layer} layers, d_model {cfg.d_model}, d_ff {4 * cfg.d_model}, {cfg.n_head} heads, "
+        f"exact attention (SDPA), {params['transformer']:,} parameters. LSTM LM: {cfg.lstm_layers} layers of width {width} "
+        f"(chosen to match), {params['lstm']:,} parameters. Vocabulary {cfg.vocab_size}, tied embeddings in both. "
+        f"Training batches hold {cfg.tokens_per_batch} tokens (⌊{cfg.tokens_per_batch}/n⌋ sequences); forward latency "
+        f"is for one sequence. Median of {cfg.repeats} repetitions, models interleaved; device {ctx.device}, "
+        f"{threads} torch threads.")
+    r.h("Table 1 of the paper, and what this run measured")
+    table1 = [dict(row) for row in TABLE1]
+    table1[0]["fitted exponent: train time/sequence"] = f"{fits['transformer']['train_time_per_sequence']:.2f}"
+    table1[1]["fitted exponent: train time/sequence"] = f"{fits['lstm']['train_time_per_sequence']:.2f}"
+    table1[0]["fitted exponent: forward latency"] = f"{fits['transformer']['forward_latency']:.2f}"
+    table1[1]["fitted exponent: forward latency"] = f"{fits['lstm']['forward_latency']:.2f}"
+    r.table(table1)
+    r.p("An exponent of 1 is linear in n, 2 quadratic. Over 64…2048 the Transformer's cost is a mix of its O(n·d²) "
+        "projections and its O(n²·d) attention, so its whole-range exponent sits between 1 and 2 and rises towards 2 at "
+        f"the long end (last two lengths: {fits['transformer']['forward_latency_top_two_lengths']:.2f} for forward "
+        "latency). The LSTM does O(n·d²) work in n sequential steps.")
+    r.table(rows, ["model", "n", "batch", "train_step_s", "train_tokens_per_s", "train_gflops_per_s",
+                   "forward_latency_ms"], fmt="{:.4g}")
+    r.table(ratios, fmt="{:.3g}")
+    r.p(f"At n = {ref['n']}: the Transformer trains on {ref['train_tokens_per_s_ratio']:.2f}× the LSTM's tokens/s. "
+        + (f"Training throughput curves cross at n ≈ {cross_train:.0f}. " if cross_train else
+           "The training throughput curves do not cross in this range. ")
+        + (f"Forward latency curves cross at n ≈ {cross_fwd:.0f}." if cross_fwd else
+           "The forward latency curves do not cross in this range."))
+    r.image(tp_plot, "training throughput")
+    r.image(lat_plot, "forward latency")
+    r.save()
+    print(markdown_table(ratios, fmt="{:.3g}"))
+    return {"threads": threads, "params": params, "lstm_width": width,
+            "ratio_at_reference": ref, "ratios": ratios, "exponents": fits,
+            "crossing_n_train": cross_train, "crossing_n_forward": cross_fwd, "rows": rows}

@@ -1,0 +1,230 @@
+"""SSA in miniature (arXiv 2306.01705): a byte-level LM trained four ways for the same number of steps, then
+evaluated under each inference mode.
+
+Variants (same initial weights, same batches; SSA kernels have no parameters):
+  dense          exact attention throughout
+  ssa-unbiased   SSA, a uniform N/S subset of keys per layer and example
+  ssa-local      SSA, locally biased windows
+  ssa-local+ft   the ssa-local model, then a dense fine-tune of `finetune_fraction` × steps more steps
+                 (the trainer's `dense_finetune_steps`; fresh AdamW state, lr from `finetune_lr`)
+
+Inference modes: `dense` (the same weights with full attention) for every model, and the self-ensemble
+(subsampling kept on, K passes, probabilities averaged; K=1 is a single subsampled pass) for the SSA models.
+The paper's claims, checked here: the fine-tuned model's dense loss is within 1 % of the dense baseline or
+better, and the self-ensemble beats a single subsampled pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..attention import AttentionSpec
+from ..bench.memory import peak_memory
+from ..data import TextCorpus, build_tokenizer
+from ..errors import UserError, require_file
+from ..inference.ensemble import attention_mode, evaluate_lm
+from ..models.lm import LM, LMConfig
+from ..training import OptimConfig, TrainConfig, train
+from ..training.device import autocast
+from ..training.tasks import TextLMTask
+from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+
+
+@dataclass
+class SSAExperimentConfig(ExperimentConfig):
+    data: str = ""  # a text file or folder (required)
+    seq_len: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    batch_size: int = 8
+    steps: int = 2000
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    factor: int = 4  # S
+    spread: float = 1.0  # local sampling noise, in window widths
+    finetune_fraction: float = 0.1
+    finetune_lr: float = 3e-4
+    ensemble_k: list[int] = field(default_factory=lambda: [1, 4, 16])
+    eval_every: int = 250
+    eval_batches: int = 8  # validation windows: eval_batches × batch_size × seq_len tokens
+    variants: list[str] = field(default_factory=lambda: ["dense", "ssa-unbiased", "ssa-local", "ssa-local+ft"])
+
+
+VARIANTS = ("dense", "ssa-unbiased", "ssa-local", "ssa-local+ft")
+
+
+def _spec(variant: str, cfg: SSAExperimentConfig) -> AttentionSpec:
+    if variant == "dense":
+        return AttentionSpec()
+    sampling = "unbiased" if variant == "ssa-unbiased" else "local"
+    return AttentionSpec(name="ssa", options={"factor": cfg.factor, "sampling": sampling, "spread": cfg.spread})
+
+
+def _step_peak(model, task, device) -> float:
+    """Peak tensor memory (MB) of one training forward + backward, the model's weights excluded."""
+    batch = task.batch(0, 0, 0, device)
+
+    def step():
+        model.train()
+        task.loss(model, batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+
+    _, peak = peak_memory(step, device)
+    return peak / 2**20
+
+
+@experiment("ssa", SSAExperimentConfig, "SSA: dense vs subsampled training, dense fine-tune and self-ensembles")
+def run(cfg: SSAExperimentConfig, ctx) -> dict:
+    if not cfg.data:
+        raise UserError("ssa needs --data FILE (a text file or folder)")
+    require_file(cfg.data, "text corpus")
+    if cfg.quick:
+        cfg = replace(cfg, seq_len=256, n_layer=2, d_model=64, batch_size=4, steps=min(cfg.steps, 60),
+                      warmup_steps=10, eval_every=20, eval_batches=2)
+    bad = [v for v in cfg.variants if v not in VARIANTS]
+    if bad or not cfg.variants:
+        raise UserError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    if any(k < 1 for k in cfg.ensemble_k) or not cfg.ensemble_k:
+        raise UserError("ensemble_k must list sizes of at least 1")
+    if cfg.factor < 1 or not 0 <= cfg.finetune_fraction <= 1:
+        raise UserError("factor must be >= 1 and finetune_fraction in [0, 1]")
+    ft_steps = max(1, round(cfg.steps * cfg.finetune_fraction))
+    tok = build_tokenizer("byte")
+    corpus = TextCorpus(cfg.data, tok)
+    eval_set = list(corpus.eval_windows("val", cfg.seq_len, cfg.batch_size, max_batches=cfg.eval_batches))
+    if not eval_set:
+        raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.seq_len}")
+
+    def tcfg(steps, seed, **kw):
+        return TrainConfig(steps=steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
+                           seed=seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False, progress=False,
+                           keep_checkpoints=1, **kw)
+
+    models, rows, curves = {}, [], {}
+    plan = [v for v in VARIANTS if v in cfg.variants or (v == "ssa-local" and "ssa-local+ft" in cfg.variants)]
+    for variant in plan:
+        if variant == "ssa-local+ft":
+            # Continue the ssa-local model with dense attention: the trainer switches every kernel to dense
+            # for its last `dense_finetune_steps` steps, here all of them. Fresh batches (another task seed).
+            model = _clone(models["ssa-local"])
+            task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1, eval_batches=cfg.eval_batches)
+            res = train(model, task, tcfg(ft_steps, cfg.seed + 1, dense_finetune_steps=ft_steps),
+                        OptimConfig(lr=cfg.finetune_lr, min_lr=cfg.finetune_lr / 10, warmup_steps=min(10, ft_steps)),
+                        out_dir=ctx.out / "runs" / variant)
+            before = curves["ssa-local"]  # the curve goes on from where ssa-local ended
+            curves[variant] = ([before[0][-1]] + [before[0][-1] + e["step"] for e in res.evals],
+                               [before[1][-1]] + [e["val_loss"] for e in res.evals])
+            with attention_mode(model, "dense"):
+                step_s, peak, steps_done = res.step_s, _step_peak(model, task, ctx.device), before[0][-1] + res.steps
+            models[variant] = model
+        else:
+            torch.manual_seed(cfg.seed)
+            mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+                            max_seq_len=cfg.seq_len, attention=_spec(variant, cfg))
+            model = LM(mcfg)
+            task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=cfg.seed, eval_batches=cfg.eval_batches)
+            print(f"== {variant}", flush=True)
+            res = train(model, task, tcfg(cfg.steps, cfg.seed),
+                        OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
+                        out_dir=ctx.out / "runs" / variant)
+            curves[variant] = ([e["step"] for e in res.evals], [e["val_loss"] for e in res.evals])
+            step_s, peak, steps_done = res.step_s, _step_peak(model, task, ctx.device), res.steps
+            models[variant] = model
+        rows.append({"variant": variant, "steps": steps_done, "step_s": step_s, "peak_MB": peak})
+        print(f"   {variant}: {steps_done} steps, {step_s:.3f} s/step", flush=True)
+
+    # Every model under every inference mode that applies to it, on the same validation windows.
+    evals = []
+    for variant in plan:
+        if variant not in cfg.variants:
+            continue
+        model = models[variant].to(ctx.device)
+        with autocast(ctx.device, ctx.amp):
+            m = evaluate_lm(model, eval_set, mode="dense", device=ctx.device)
+            evals.append({"variant": variant, "mode": "dense", "k": 1, "loss": m["loss"], "ppl": m["ppl"]})
+            if variant != "dense":
+                for k in cfg.ensemble_k:
+                    m = evaluate_lm(model, eval_set, mode="sample", k=k, seed=cfg.seed, device=ctx.device)
+                    evals.append({"variant": variant, "mode": f"ensemble K={k}", "k": k, "loss": m["loss"],
+                                  "ppl": m["ppl"]})
+        print(f"   {variant}: " + ", ".join(f"{e['mode']} {e['loss']:.4f}" for e in evals if e["variant"] == variant), flush=True)
+
+    return _write(cfg, ctx, rows, evals, curves, ft_steps, corpus)
+
+
+def _clone(model: LM) -> LM:
+    twin = LM(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    return twin.to(next(model.parameters()).device)
+
+
+def _loss(evals, variant, mode):
+    return next((e["loss"] for e in evals if e["variant"] == variant and e["mode"] == mode), None)
+
+
+def _write(cfg, ctx, rows, evals, curves, ft_steps, corpus) -> dict:
+    dense_rows = {r["variant"]: r for r in rows}
+    base_step = dense_rows.get("dense", {}).get("step_s")
+    for r in rows:
+        r["step_vs_dense"] = base_step / r["step_s"] if base_step and r["variant"] != "ssa-local+ft" else None
+        r["dense_eval_loss"] = _loss(evals, r["variant"], "dense")
+        for k in cfg.ensemble_k:
+            r[f"ensemble_K{k}"] = _loss(evals, r["variant"], f"ensemble K={k}")
+    ctx.write_csv("evals.csv", evals)
+    ctx.write_csv("runs.csv", rows)
+
+    claims = {}
+    base = _loss(evals, "dense", "dense")
+    ft = _loss(evals, "ssa-local+ft", "dense")
+    if base is not None and ft is not None:
+        rel = (ft - base) / base
+        claims["finetuned_dense_vs_baseline_rel"] = rel
+        claims["finetuned_within_1pct_or_better"] = rel <= 0.01
+    kmin, kmax = min(cfg.ensemble_k), max(cfg.ensemble_k)
+    for v in ("ssa-unbiased", "ssa-local", "ssa-local+ft"):
+        single, ens = _loss(evals, v, f"ensemble K={kmin}"), _loss(evals, v, f"ensemble K={kmax}")
+        if single is not None and ens is not None and kmax > kmin:
+            claims[f"{v}_ensemble_K{kmax}_beats_K{kmin}"] = ens < single
+
+    plots = [line_plot(ctx.out / "val_loss.png", curves, xlabel="step",
+                       ylabel="validation loss (nats/byte, model's own eval mode)",
+                       title="Training curves (SSA evaluates dense in eval)")]
+    series = {}
+    ks = sorted(cfg.ensemble_k)
+    for v in ("ssa-unbiased", "ssa-local", "ssa-local+ft"):
+        ys = [_loss(evals, v, f"ensemble K={k}") for k in ks]
+        if all(y is not None for y in ys):
+            series[f"{v}: self-ensemble"] = (ks, ys)
+    for v in ("dense", "ssa-local+ft", "ssa-local", "ssa-unbiased"):
+        d = _loss(evals, v, "dense")
+        if d is not None:
+            series[f"{v}: dense eval"] = ([ks[0], ks[-1]], [d, d])
+    if series:
+        plots.append(line_plot(ctx.out / "inference_modes.png", series, xlabel="ensemble size K (passes)",
+                               ylabel="validation loss (nats/byte)", title="Inference modes", logx=len(ks) > 1))
+
+    r = ctx.report
+    r.h("SSA: subsampled training, dense fine-tune and self-ensembles", 1)
+    r.p(f"Corpus {cfg.data} (bytes; validation: {cfg.eval_batches} batches × "
+        f"{cfg.batch_size} × {cfg.seq_len} tokens from the held-out tail). Model: {cfg.n_layer} layers, "
+        f"d={cfg.d_model}, {cfg.n_head} heads, rotary, context {cfg.seq_len}; {cfg.steps} steps of AdamW "
+        f"(lr {cfg.lr}, cosine, batch {cfg.batch_size}); SSA factor S={cfg.factor}, local spread {cfg.spread} "
+        f"window widths; dense fine-tune {ft_steps} extra steps at lr {cfg.finetune_lr}. Device {ctx.device}"
+        f"{', quick run' if cfg.quick else ''}.")
+    r.h("Training cost", 2)
+    r.p("Wall time per optimizer step as the trainer measured it; peak = tensor memory of one training "
+        "forward+backward (attnlab.bench.memory). The fine-tune row's step time is that of its dense steps.")
+    r.table(rows, ["variant", "steps", "step_s", "step_vs_dense", "peak_MB"])
+    r.h("Validation loss by inference mode", 2)
+    r.p("`dense_eval_loss`: full attention with the trained weights. `ensemble_K<k>`: subsampling kept on, "
+        "k passes, probabilities averaged (K=1 is a single subsampled pass).")
+    r.table(rows, ["variant", "dense_eval_loss"] + [f"ensemble_K{k}" for k in cfg.ensemble_k], fmt="{:.4f}")
+    r.h("The paper's claims, in miniature", 2)
+    r.p(markdown_table([{"claim": k, "result": v} for k, v in claims.items()], fmt="{:+.4f}"))
+    for p in plots:
+        r.image(p, p.stem)
+    r.save()
+    return {"runs": rows, "evals": evals, "claims": claims, "finetune_steps": ft_steps}

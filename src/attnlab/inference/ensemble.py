@@ -1,0 +1,164 @@
+"""Self-ensembles (SSA, arXiv 2306.01705): keep stochastic attention on at inference, run K passes and average
+the predicted probabilities (not the logits).
+
+Averaging happens in log space (a running log-sum-exp of log-probabilities), so a token whose probability is
+tiny in every pass still gets a finite loss. A pass that produced a non-finite value at some position is left
+out of that position's average, as the authors' code does; positions no pass covered are counted and left out
+of the metrics.
+
+Entry points:
+- `attention_mode(model, mode)`: context manager that switches every kernel and restores each one after.
+- `ensemble_log_probs(fn, k)`: log of the averaged probabilities of K calls of `fn() -> logits`.
+- `ensemble_classify(model, *inputs, k=...)`: averaged class probabilities of a classifier.
+- `evaluate_lm(model, batches, mode=..., k=...)`: loss / perplexity / accuracy of an LM under a mode.
+- `ensemble_lm_metrics(model, task, k=...)`: the same on a trainer task's validation windows (`attnlab eval`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..attention.registry import Kernel, set_attention_mode
+from ..errors import UserError
+
+
+@contextlib.contextmanager
+def attention_mode(model: torch.nn.Module, mode: str | None):
+    """Run a block with every kernel of `model` in `mode` (None: leave them), then restore each kernel's mode."""
+    kernels = [m for m in model.modules() if isinstance(m, Kernel)]
+    before = [m.mode for m in kernels]
+    try:
+        if mode is not None:
+            set_attention_mode(model, mode)
+        yield
+    finally:
+        for m, old in zip(kernels, before):
+            m.mode = old
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device):
+    """Seed the global RNG for the block without disturbing the caller's stream (None: no seeding)."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class EnsembleOutput:
+    log_probs: torch.Tensor  # [..., C] log of the mean probability over the passes that were finite there
+    passes: torch.Tensor  # [...] how many passes each position averaged (0: none was finite)
+
+
+def ensemble_log_probs(fn: Callable[[], torch.Tensor], k: int) -> EnsembleOutput:
+    """Call `fn` K times (each call returns logits [..., C], or a tuple whose first item is) and average the
+    probabilities; a pass with any non-finite logit at a position is left out there."""
+    if k < 1:
+        raise UserError(f"ensemble size must be at least 1, got {k}")
+    acc = count = None
+    for _ in range(k):
+        out = fn()
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        logp = F.log_softmax(logits.float(), dim=-1)
+        ok = torch.isfinite(logp).all(dim=-1)
+        logp = torch.where(ok.unsqueeze(-1), logp, torch.full_like(logp, float("-inf")))
+        if acc is None:
+            acc, count = logp, ok.long()
+        else:
+            acc, count = torch.logaddexp(acc, logp), count + ok.long()
+    mean = acc - torch.log(count.clamp(min=1).to(acc.dtype)).unsqueeze(-1)
+    mean = torch.where((count > 0).unsqueeze(-1), mean, torch.full_like(mean, float("nan")))
+    return EnsembleOutput(mean, count)
+
+
+@torch.no_grad()
+def ensemble_classify(model: torch.nn.Module, *inputs, k: int = 16, mode: str | None = "sample",
+                      seed: int | None = None, **kwargs) -> torch.Tensor:
+    """Class probabilities [..., C] of `model(*inputs, **kwargs)` averaged over K stochastic passes."""
+    was = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), None)
+    try:
+        with attention_mode(model, mode), _seeded(seed, device):
+            return ensemble_log_probs(lambda: model(*inputs, **kwargs), k).log_probs.exp()
+    finally:
+        model.train(was)
+
+
+def _as_batch(item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if isinstance(item, dict):
+        return item["x"], item["y"], item.get("loss_mask")
+    x, y, *rest = item
+    return x, y, (rest[0] if rest else None)
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, batches: Iterable, *, mode: str | None = "sample", k: int = 1,
+                seed: int | None = None, device=None) -> dict:
+    """Next-token loss, perplexity and accuracy of an LM over `batches` ((x, y[, loss_mask]) tuples or dicts
+    with x, y, loss_mask), with the kernels in `mode` and K passes averaged in probability.
+
+    mode "dense" (or "auto" in eval, for SSA) is deterministic, so K is taken as 1 there.
+    """
+    if mode in ("dense", "auto"):
+        k = 1
+    was = model.training
+    model.eval()
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    nll = 0.0
+    tokens = correct = dropped = 0
+    try:
+        with attention_mode(model, mode), _seeded(seed, device):
+            for item in batches:
+                x, y, loss_mask = _as_batch(item)
+                x, y = x.to(device), y.to(device)
+                ens = ensemble_log_probs(lambda: model(x), k)
+                keep = ens.passes > 0
+                if loss_mask is not None:
+                    keep &= loss_mask.to(device)
+                    dropped += int(((ens.passes == 0) & loss_mask.to(device)).sum())
+                else:
+                    dropped += int((ens.passes == 0).sum())
+                logp = ens.log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                nll -= float(logp[keep].double().sum())
+                correct += int((ens.log_probs.argmax(-1) == y)[keep].sum())
+                tokens += int(keep.sum())
+    finally:
+        model.train(was)
+    if tokens == 0:
+        raise UserError("ensemble evaluation scored no tokens (no batches, or every pass was non-finite)")
+    loss = nll / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / tokens, "tokens": tokens,
+            "k": k, "mode": mode, "dropped_tokens": dropped}
+
+
+def task_eval_batches(task, *, split: str = "val", batches: int | None = None):
+    """The validation batches a trainer task evaluates on: contiguous windows of a text task's corpus, or a
+    synthetic task's fixed evaluation batches."""
+    if hasattr(task, "corpus"):
+        return task.corpus.eval_windows(split, task.seq_len, task.batch_size, max_batches=batches)
+    if hasattr(task, "_make") and hasattr(task, "cfg"):
+        # The same batches SyntheticTask.evaluate draws, so ensemble and single-pass figures compare.
+        from ..training.tasks import _EVAL_SEED_OFFSET
+        from ..training.trainer import batch_generator
+
+        n = task.cfg.eval_batches if batches is None else min(batches, task.cfg.eval_batches)
+        return (task._make(batch_generator(task.seed + _EVAL_SEED_OFFSET, i)) for i in range(n))
+    raise UserError(f"cannot find evaluation batches in {type(task).__name__}; pass batches to evaluate_lm")
+
+
+def ensemble_lm_metrics(model: torch.nn.Module, task, *, k: int, split: str = "val", batches: int | None = None,
+                        device=None, mode: str | None = "sample", seed: int | None = None) -> dict:
+    """Self-ensemble metrics of an LM on a trainer task (what `attnlab eval --ensemble K` reports)."""
+    return evaluate_lm(model, task_eval_batches(task, split=split, batches=batches), mode=mode, k=k, seed=seed,
+                       device=device)

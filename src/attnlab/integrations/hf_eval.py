@@ -1,0 +1,293 @@
+"""`attnlab hf-eval`: perplexity and speed of a local transformers checkpoint with attnlab attention patched
+into chosen layers, side by side with the unpatched model, on one copy of the weights.
+
+The text is tokenized with the checkpoint's own tokenizer and cut into non-overlapping windows of `context`
+tokens; each window is scored from scratch (no carried-over context), so every token is predicted from at most
+`context - 1` previous tokens. Perplexity is e-based: exp(mean negative log-likelihood in nats). The official
+HyperAttention script prints 2**nats instead; multiply our nats by 1/ln 2 ≈ 1.4427 to get bits.
+Times are forward passes only (not the loss), interleaved window by window between the two sides.
+Nothing is fetched from the network: the model and tokenizer load from `model` with local_files_only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..attention.registry import kernel_entry
+from ..errors import UserError, require_file
+from ..inference.ensemble import attention_mode
+from .hf import attention_modules, original_attention, patch_model, require_transformers
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class HFEvalConfig:
+    """model: a local checkpoint directory (config.json, weights, tokenizer files).
+    data: a UTF-8 text file to score. context: tokens per window. windows: how many windows to score
+    (0 = every full window in the file). batch_size: windows per forward pass.
+    attention/options/layers: the attnlab mechanism, its options (`attnlab list`) and where it runs
+    ("all", "first:N", "last:N", "odd", "even", "0,3,5"); the other layers keep the model's attention.
+    ensemble: > 0 runs that many subsampled passes per window and averages their probabilities (SSA's
+    self-ensemble; the patched kernels run in their "sample" mode). repeats: timed forward passes per
+    window and side (the median is kept). out: where to write the JSON result (none: print only).
+    """
+
+    model: str = ""
+    data: str = ""
+    attention: str = "hyper"
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: str = "all"
+    context: int = 4096
+    windows: int = 4
+    batch_size: int = 1
+    ensemble: int = 0
+    repeats: int = 1
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    out: str | None = None
+
+
+def hf_eval(cfg: HFEvalConfig) -> dict:
+    """Score `cfg.data` with the unpatched and the patched model; print a table, write JSON, return it."""
+    _check(cfg)
+    transformers = require_transformers()
+    device = _device(cfg.device)
+    tokenizer, model = load_local(cfg.model, cfg.dtype, device)
+    windows = token_windows(tokenizer, Path(cfg.data), cfg.context, cfg.windows)
+    chosen = patch_model(model, cfg.attention, cfg.options, cfg.layers, decode="refuse")
+    n_layer = len(attention_modules(model))
+
+    sides = {"unpatched": _Side(), "patched": _Side()}
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        # One untimed pass per side: first-call allocations and lazy initialisation stay out of the timings.
+        warm = windows[: cfg.batch_size].to(device)
+        with original_attention(model):
+            _forward(model, warm, device)
+        _forward(model, warm, device)
+        for start in range(0, len(windows), cfg.batch_size):
+            batch = windows[start : start + cfg.batch_size].to(device)
+            with original_attention(model):
+                sides["unpatched"].add(*_score(model, batch, device, cfg.repeats, passes=1))
+            with attention_mode(model, "sample" if cfg.ensemble else None):
+                sides["patched"].add(*_score(model, batch, device, cfg.repeats, passes=max(1, cfg.ensemble)))
+
+    result = {
+        "model": str(cfg.model),
+        "data": str(cfg.data),
+        "attention": cfg.attention,
+        "options": dict(cfg.options),
+        "layers": cfg.layers,
+        "patched_layers": chosen,
+        "n_layer": n_layer,
+        "context": cfg.context,
+        "windows": len(windows),
+        "tokens_scored": sides["patched"].tokens,
+        "ensemble": cfg.ensemble,
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "perplexity_base": "e",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "unpatched": sides["unpatched"].summary(),
+        "patched": sides["patched"].summary(),
+    }
+    result["time_ratio"] = result["patched"]["seconds"] / max(result["unpatched"]["seconds"], 1e-12)
+    print(format_table(result))
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": asdict(cfg), **result}, indent=2) + "\n")
+    return result
+
+
+def label(attention: str, options: dict[str, Any]) -> str:
+    if not options:
+        return attention
+    return attention + "(" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+
+
+def format_table(r: dict) -> str:
+    head = (
+        f"{r['model']}: context {r['context']}, {r['windows']} window(s), {r['tokens_scored']} tokens scored, "
+        f"layers {r['layers']} -> {r['patched_layers']} of {r['n_layer']}, {r['device']} {r['dtype']}"
+    )
+    rows = [("attention", "perplexity (e)", "nats/token", "s/window", "time vs unpatched")]
+    for key, name in (("unpatched", "unpatched (model's own)"), ("patched", label(r["attention"], r["options"]))):
+        s = r[key]
+        if key == "patched" and r["ensemble"]:
+            name += f" x{r['ensemble']} ensemble"
+        ratio = s["seconds"] / max(r["unpatched"]["seconds"], 1e-12)
+        rows.append((name, f"{s['perplexity']:.4f}", f"{s['nll']:.4f}", f"{s['seconds_per_window']:.3f}", f"{ratio:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [head] + ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
+
+
+def load_local(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"):
+    """Tokenizer and causal LM from a local directory, never from the network, with SDPA attention."""
+    require_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"model directory not found: {p}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p} has no config.json: point --model at a saved transformers checkpoint")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {p}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, local_files_only=True, attn_implementation="sdpa", dtype=_DTYPES[dtype]
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal language model from {p}: {str(e).splitlines()[0]}") from None
+    return tokenizer, model.to(device).eval()
+
+
+def token_windows(tokenizer, path: Path, context: int, windows: int) -> torch.Tensor:
+    """[W, context] token ids: the first `windows` non-overlapping windows of the file (0 = all of them)."""
+    require_file(path, "data file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    have = len(ids) // context
+    if have == 0:
+        raise UserError(f"{path} holds {len(ids)} tokens, fewer than one window of --context {context}")
+    if windows and windows > have:
+        raise UserError(f"{path} holds {have} window(s) of {context} tokens, fewer than --windows {windows}")
+    n = windows or have
+    return torch.tensor(ids[: n * context], dtype=torch.long).view(n, context)
+
+
+class _Side:
+    def __init__(self):
+        self.nll_sum = 0.0
+        self.tokens = 0
+        self.times: list[float] = []
+        self.windows = 0
+
+    def add(self, nll_sum: float, tokens: int, seconds: float, windows: int) -> None:
+        self.nll_sum += nll_sum
+        self.tokens += tokens
+        self.times.append(seconds)
+        self.windows += windows
+
+    def summary(self) -> dict:
+        nll = self.nll_sum / self.tokens
+        total = sum(self.times)
+        return {"nll": nll, "perplexity": math.exp(nll), "seconds": total, "seconds_per_window": total / self.windows}
+
+
+def _score(model, batch, device, repeats, passes):
+    """(Σ nll, tokens, forward seconds, windows) of one batch; `passes` > 1 averages their probabilities."""
+    logps, seconds = [], 0.0
+    for _ in range(passes):
+        times = []
+        for _ in range(max(1, repeats)):
+            logits, dt = _forward(model, batch, device)
+            times.append(dt)
+        seconds += statistics.median(times)
+        logps.append(_target_logprobs(logits, batch))
+    if passes == 1:
+        lp = logps[0]
+    else:
+        # Mean of the passes' probabilities, leaving a pass out where it gave a non-finite value (as
+        # attnlab.inference.ensemble does); only the targets' probabilities are needed, not the vocabulary's.
+        stacked = torch.stack(logps)
+        ok = torch.isfinite(stacked)
+        count = ok.sum(0)
+        if not bool((count > 0).all()):
+            raise UserError("every ensemble pass gave a non-finite probability at some position")
+        stacked = stacked.masked_fill(~ok, float("-inf"))
+        lp = torch.logsumexp(stacked, dim=0) - count.double().log()
+    return -float(lp.sum()), lp.numel(), seconds, batch.shape[0]
+
+
+def _forward(model, batch, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids=batch, use_cache=False).logits
+    _sync(device)
+    return logits, time.perf_counter() - t0
+
+
+def _target_logprobs(logits, batch, chunk=1024):
+    """log p(token t+1 | ≤ t) for every position, in float32 and in chunks so the vocabulary-wide
+    log-softmax never needs a second full-size copy of the logits."""
+    out = []
+    targets = batch[:, 1:]
+    for s in range(0, targets.shape[1], chunk):
+        lg = logits[:, s : min(s + chunk, targets.shape[1])].float()
+        tg = targets[:, s : s + lg.shape[1]]
+        out.append(lg.gather(-1, tg[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out, dim=1).double()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    return dev
+
+
+def _check(cfg: HFEvalConfig) -> None:
+    if not cfg.model:
+        raise UserError("--model is required: a local directory holding a transformers checkpoint")
+    if not cfg.data:
+        raise UserError("--data is required: a UTF-8 text file to score")
+    if cfg.context < 2:
+        raise UserError(f"--context must be at least 2 tokens, got {cfg.context}")
+    for name in ("windows", "ensemble"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("batch_size", "repeats"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    entry = kernel_entry(cfg.attention)
+    if cfg.ensemble and "sample" not in entry.cls.modes:
+        raise UserError(f"--ensemble needs a stochastic mechanism with a 'sample' mode (e.g. ssa); {cfg.attention!r} has none")
+
+
+def byte_level_tokenizer():
+    """A transformers tokenizer whose ids are the UTF-8 bytes of the text (0..255), for byte-level models
+    such as the one `benchmarks/make_tiny_llama.py` trains; save it next to the model with save_pretrained."""
+    require_transformers()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's printable stand-ins for the 256 bytes, which byte-level pre-tokenization emits.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30)
