@@ -30,27 +30,38 @@ def main(argv=None) -> None:
     ap.add_argument("--last", type=int, nargs="+", default=[1, 2, 4], help="patch the last n layers, for each n")
     ap.add_argument("--hyper", default="{}", help="JSON options for hyper shared by every variant")
     ap.add_argument("--prescores", nargs="+", default=PRESCORES)
+    ap.add_argument("--equal-budget", action="store_true",
+                    help="add plain hyper with sample_size + top_k sampled keys: the key budget of a query "
+                         "with pre-scoring (block + top_k + sample), spent on uniform samples instead")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default="runs/hf-sweep")
     args = ap.parse_args(argv)
 
     hyper = json.loads(args.hyper)
-    variants = [("exact", {})] + [("hyper", {**hyper, "prescore": p}) for p in args.prescores]
+    variants = [("exact", {}, "exact")]
+    for p in args.prescores:
+        variants.append(("hyper", {**hyper, "prescore": p}, "hyper" if p == "none" else f"hyper+{p}"))
+        if p == "none" and args.equal_budget:
+            from attnlab.attention.hyper import HyperConfig
+
+            base = HyperConfig(**{k: v for k, v in hyper.items() if k != "prescore"})
+            variants.append(("hyper", {**hyper, "prescore": "none", "sample_size": base.sample_size + base.top_k},
+                             f"hyper, sample {base.sample_size + base.top_k} (equal budget)"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in args.last:
-        for name, opts in variants:
-            tag = name if name == "exact" else f"hyper+{opts['prescore']}" if opts["prescore"] != "none" else "hyper"
+        for i, (name, opts, tag) in enumerate(variants):
             cfg = HFEvalConfig(model=args.model, data=args.data, attention=name, options=opts, layers=f"last:{n}",
                                context=args.context, windows=args.windows, repeats=args.repeats, device="cpu",
-                               out=str(out / f"last{n}_{tag}.json"))
+                               out=str(out / f"last{n}_{i}_{tag.split()[0].rstrip(',')}.json"))
             r = hf_eval(cfg)
             rows.append({"last": n, "variant": tag, "ppl_unpatched": r["unpatched"]["perplexity"],
                          "ppl_patched": r["patched"]["perplexity"], "time_ratio": r["time_ratio"],
                          "s_per_window_unpatched": r["unpatched"]["seconds_per_window"],
                          "s_per_window_patched": r["patched"]["seconds_per_window"]})
-    lines = ["| last n layers | attention | perplexity (e), unpatched | perplexity (e), patched | time patched / unpatched |",
+    lines = ["| last n layers | attention | perplexity (e), unpatched | perplexity (e), patched "
+             "| time patched / unpatched |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['last']} | {r['variant']} | {r['ppl_unpatched']:.3f} | {r['ppl_patched']:.3f} | "

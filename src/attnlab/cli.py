@@ -88,7 +88,22 @@ def build_parser():
         p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
         p.add_class_arguments(exp.config_cls, nested_key=None, as_group=False)
         run_sub.add_subcommand(name, p, help=exp.help)
+    bench = ArgumentParser(exit_on_error=False, description="benchmarks: attnlab bench NAME --out DIR")
+    sub.add_subcommand("bench", bench, help="benchmarks (speed, memory, error) written to --out")
+    bench_sub = bench.add_subcommands(dest="bench")
+    for name, (cls, _, help_) in _bench_commands().items():
+        p = ArgumentParser(exit_on_error=False, description=help_)
+        p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
+        p.add_class_arguments(cls, nested_key=None, as_group=False)
+        bench_sub.add_subcommand(name, p, help=help_)
     return parser
+
+
+def _bench_commands() -> dict[str, tuple[type, object, str]]:
+    from .bench.attention import BenchConfig, bench_attention
+
+    return {"attention": (BenchConfig, bench_attention,
+                          "forward time, peak memory and error against exact of every attention mechanism")}
 
 
 def _config_from(ns, cls):
@@ -115,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         ns = parser.parse_args(argv)
+        if ns.command == "bench":
+            name = ns.bench.bench
+            cls, fn, _ = _bench_commands()[name]
+            fn(_config_from(ns.bench[name], cls))
+            return 0
         if ns.command == "run":
             from .experiments.runner import experiments, run_experiment
 

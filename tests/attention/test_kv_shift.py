@@ -30,9 +30,13 @@ def naive_shift(x, coef, reset=None, prev=None):
     return out
 
 
+# Options that make approximate kernels approximate at the few tokens of these tests.
+SHORT_OPTIONS = {"ssa": {"factor": 2}, "hyper": {"min_seq_len": 8, "block_size": 8, "sample_size": 4}}
+
+
 def tiny_lm(window=1, shift="kv", kernel="exact", n_kv_head=2, seed=0, constraint="none"):
     torch.manual_seed(seed)
-    spec = AttentionSpec(name=kernel, transform="kv_shift",
+    spec = AttentionSpec(name=kernel, options=SHORT_OPTIONS.get(kernel, {}), transform="kv_shift",
                          transform_options={"window": window, "shift": shift, "constraint": constraint})
     cfg = LMConfig(vocab_size=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, max_seq_len=64, attention=spec)
     return LM(cfg).double().eval()
@@ -220,9 +224,19 @@ def test_composes_with_every_causal_kernel():
     assert "exact" in names
     for name in names:
         model = tiny_lm(kernel=name).train()
+        attn = model.blocks[0].attn
+        seen = {}
+        attn.k_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("raw_k", out))
+        attn.v_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("raw_v", out))
+        attn.kernel.register_forward_pre_hook(lambda m, a: seen.__setitem__("kernel_in", a), with_kwargs=False)
         idx = torch.randint(0, 32, (2, 24))
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
+        # The kernel receives rotary(shift(projection)) for keys and shift(projection) for values.
+        k, v, _ = attn.transform(attn._heads(seen["raw_k"], 2), attn._heads(seen["raw_v"], 2))
+        pos = torch.arange(23)
+        torch.testing.assert_close(seen["kernel_in"][1], attn.rotary(k, pos), msg=name)
+        torch.testing.assert_close(seen["kernel_in"][2], v, msg=name)
         for t in shifts(model):
             for p in (t.alpha, t.beta):
                 assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

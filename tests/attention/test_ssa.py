@@ -55,6 +55,7 @@ def test_registered_with_sample_mode_and_capabilities():
     ("local", False, 13, 4, 4, None),
     ("local", True, 14, 3, 2, "pad"),
     ("local", False, 16, 2, 4, "doc"),
+    ("local", True, 1030, 2, 2, "pad"),  # windows long enough for the causal query chunks
 ])
 def test_equals_reference_on_its_own_draw(sampling, causal, n, factor, hkv, maskkind):
     q, k, v = qkv(b=3, hkv=hkv, n=n)

@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers")  # the optional extra attnlab[hf]; CI installs it
+# transformers is the optional extra attnlab[hf]; `make test` and CI install it, so it is imported, not skipped.
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from attnlab.errors import UserError  # noqa: E402
-from attnlab.integrations.hf_eval import HFEvalConfig, byte_level_tokenizer, hf_eval, token_windows  # noqa: E402
+from attnlab.errors import UserError
+from attnlab.integrations.hf_eval import HFEvalConfig, byte_level_tokenizer, hf_eval, token_windows
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 12
 

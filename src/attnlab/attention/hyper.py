@@ -368,7 +368,7 @@ def _rect(q, k, v, mask, ctx):
         else:
             full = mask.expand(b, hq, nq, nk)
 
-    proj = lsh.projections(d, cfg.lsh_bits, generator=ctx.gen, device=dev, dtype=q.dtype)
+    proj = lsh.projections(d, cfg.lsh_bits, generator=ctx.gen, device=dev)
     q_rank = lsh.bucket_ranks(q, proj)
     k_rank = lsh.bucket_ranks(k, proj)
     if key_valid is not None:

@@ -25,14 +25,17 @@ def gray_rank_table(bits: int, device=None) -> torch.Tensor:
     return table
 
 
-def projections(dim: int, bits: int, *, generator: torch.Generator | None, device, dtype=torch.float32):
-    """`bits` random Gaussian hyperplane normals for rows of width `dim`: [dim, bits]."""
-    return torch.randn(dim, bits, generator=generator, device=device, dtype=torch.float32).to(dtype)
+def projections(dim: int, bits: int, *, generator: torch.Generator | None, device) -> torch.Tensor:
+    """`bits` random Gaussian hyperplane normals for rows of width `dim`: float32 [dim, bits]."""
+    return torch.randn(dim, bits, generator=generator, device=device, dtype=torch.float32)
 
 
 def bucket_codes(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """Sign pattern of x against the hyperplanes as an integer code: [..., N, D] -> int64 [..., N]."""
-    bits = (torch.matmul(x, proj.to(x.dtype)) > 0).to(torch.int64)
+    """Sign pattern of x against the hyperplanes as an integer code: [..., N, D] -> int64 [..., N].
+
+    Signs are taken in float32 at least, so a bf16 run buckets its (rounded) inputs as float32 would."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    bits = (torch.matmul(x.to(wide), proj.to(wide)) > 0).to(torch.int64)
     weights = 2 ** torch.arange(proj.shape[1], device=x.device, dtype=torch.int64)
     return (bits * weights).sum(-1)
 

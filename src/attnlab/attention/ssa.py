@@ -9,9 +9,9 @@ Each call draws which keys every query may see, once per example, shared by all 
 
 The kept keys and values are gathered, so attention runs over [N × M] (unbiased) or S blocks of [w × w]
 (local): compute and score memory fall by about S. Causal masking compares original positions, and rotary
-was applied by the layer before the gather, so positions are the original ones too. Causal unbiased
-attention runs in a few query chunks, each over the sorted keys that precede its last query, so the blocks
-causality hides entirely are skipped as exact causal attention skips them.
+was applied by the layer before the gather, so positions are the original ones too. Causal attention
+runs in a few query chunks, each over the (sorted) keys up to its last query, so blocks that causality
+hides entirely are skipped as exact causal attention skips them.
 
 Every query also sees its own key, so no row is empty. It joins the gathered keys as one extra "self slot":
 the queries get one more coordinate holding q_i·k_i and the slot's key is the unit vector on it, so a single
@@ -44,8 +44,8 @@ from .registry import Capabilities, Kernel, register_kernel
 # Score of a switched-off self slot: exp(-1000 - lse) is exactly 0 in every float type, and -1000 stays
 # finite so that a row whose only open slot it is gives weights, not NaN (the slot's output is then dropped).
 _OFF_SCORE = -1000.0
-# Causal unbiased attention runs in query chunks from this length on (at most this many chunks).
-_CHUNK_MIN_N = 512
+# Causal attention runs in query chunks of at least this many rows, at most this many chunks.
+_CHUNK_ROWS = 256
 _MAX_CHUNKS = 4
 
 
@@ -65,7 +65,7 @@ class SSAConfig:
 @dataclass
 class Draw:
     """One draw for a batch. unbiased: `keys` [B, M] sorted original positions seen by every query.
-    local: `keys` [B, S·w] shuffled positions (n marks padding) and window k = keys[:, k·w:(k+1)·w]."""
+    local: `keys` [B, S·w] shuffled positions (n marks padding); window k = keys[:, k·w:(k+1)·w], sorted."""
 
     sampling: str
     n: int
@@ -98,7 +98,8 @@ def _draw_local(b, n, s, w, sigma, device, generator):
     perm = (torch.arange(n, device=device, dtype=noise.dtype) + noise).argsort(dim=-1)
     if s * w > n:
         perm = torch.cat([perm, perm.new_full((b, s * w - n), n)], dim=1)
-    return perm
+    # Order inside a window does not matter to attention; sorted, a window's keys can be cut causally.
+    return perm.view(b, s, w).sort(dim=-1).values.view(b, s * w)
 
 
 def _normalise_mask(mask, b, nq, nk):
@@ -121,9 +122,7 @@ def _self_scores(q, k):
     """q_i·k_i per query head: [B, Hq, N] (grouped-query heads share their key)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    qg = q.view(b, hkv, hq // hkv, n, 1, d)
-    kg = k.view(b, hkv, 1, n, d, 1)
-    return torch.matmul(qg, kg).view(b, hq, n)
+    return (q.view(b, hkv, hq // hkv, n, d) * k.unsqueeze(2)).sum(-1).view(b, hq, n)
 
 
 def _self_values(o_main, alpha, v):
@@ -255,15 +254,15 @@ class SSAAttention(Kernel):
                 vis = _and(vis, user[:, :, r0:r1, :nk] if user.shape[2] > 1 else user[..., :nk])
             return vis
 
-        # Causal unbiased: queries in chunks, each with only the sorted keys that precede its last query,
-        # so the blocks that causality hides entirely are never computed.
+        # Causal: queries in chunks, each with only the (sorted) keys up to its last query, so blocks that
+        # causality hides entirely are never computed. kpos rows are sorted, the slot (-1) first.
         chunks = [(0, nq, ka.shape[2])]
-        if causal and not local and n >= _CHUNK_MIN_N:
-            t = min(_MAX_CHUNKS, n // (_CHUNK_MIN_N // 2))
-            bounds = [round(i * n / t) for i in range(t + 1)]
-            ends = torch.tensor([e - 1 for e in bounds[1:]], device=dev)
-            counts = torch.searchsorted(keys, ends.expand(b, -1).contiguous(), right=True).amax(0)
-            chunks = [(r0, r1, 1 + c) for r0, r1, c in zip(bounds, bounds[1:], counts.tolist())]
+        t = min(_MAX_CHUNKS, nq // _CHUNK_ROWS)
+        if causal and t >= 2:
+            bounds = [round(i * nq / t) for i in range(t + 1)]
+            ends = qpos[:, [e - 1 for e in bounds[1:]]].contiguous()
+            counts = torch.searchsorted(kpos, ends, right=True).amax(0)
+            chunks = [(r0, r1, c) for r0, r1, c in zip(bounds, bounds[1:], counts.tolist())]
         # split (not slicing) so that backward concatenates the query gradients instead of summing
         # zero-padded full-size copies, one per chunk.
         q_chunks = qa.split([r1 - r0 for r0, r1, _ in chunks], dim=2)

@@ -42,8 +42,9 @@ class ParallelConfig(ExperimentConfig):
     lstm_layers: int = 2  # the LSTM's width is chosen to match the Transformer's parameter count
     tokens_per_batch: int = 4096
     repeats: int = 3
-    threads: int = 0  # torch.set_num_threads for the run (0: leave torch's default)
+    threads: int = 1  # torch threads for the sweep (0: torch's default); one thread keeps it immune to idle cores
     reference_length: int = 512  # where the headline ratio is read
+    reference_threads: list[int] = field(default_factory=lambda: [2])  # re-measure n=reference_length with these
 
 
 def build_models(cfg: ParallelConfig):
@@ -95,7 +96,9 @@ class _Bench:
 
 
 def fit_exponent(ns: list[float], ts: list[float]) -> float:
-    """Slope of log t against log n (least squares)."""
+    """Slope of log t against log n (least squares); NaN with fewer than two lengths."""
+    if len(set(ns)) < 2:
+        return float("nan")
     lx, ly = [math.log(n) for n in ns], [math.log(t) for t in ts]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
@@ -127,9 +130,10 @@ def run(cfg: ParallelConfig, ctx) -> dict:
     if cfg.quick:
         cfg = replace(cfg, lengths=[n for n in cfg.lengths if n <= 512] or cfg.lengths[:2], repeats=2,
                       d_model=min(cfg.d_model, 128), tokens_per_batch=min(cfg.tokens_per_batch, 2048))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads)
     threads = torch.get_num_threads()
+    load_before = _loadavg()
     models, width = build_models(cfg)
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     for m in models.values():
@@ -138,31 +142,53 @@ def run(cfg: ParallelConfig, ctx) -> dict:
           f"{threads} threads on {ctx.device}")
     rows = []
     for n in cfg.lengths:
-        benches = {k: _Bench(m, n, cfg, ctx.device) for k, m in models.items()}
-        times = {k: {"train": [], "fwd": []} for k in models}
-        for b in benches.values():  # warm-up: allocator, one-time kernel selection
-            b.train_step()
-            b.forward()
-        for _ in range(cfg.repeats):
-            for k, b in benches.items():  # alternate, so load changes hit both models alike
-                times[k]["train"].append(b.train_step())
-                times[k]["fwd"].append(b.forward())
-        for k, b in benches.items():
-            t_train, t_fwd = statistics.median(times[k]["train"]), statistics.median(times[k]["fwd"])
-            tokens = b.x.numel()
-            rows.append({"model": k, "n": n, "batch": b.x.shape[0], "train_step_s": t_train,
-                         "train_tokens_per_s": tokens / t_train, "forward_latency_ms": 1000 * t_fwd,
-                         "train_gflops_per_s": flops_per_token(k, models[k], n) * tokens / t_train / 1e9})
-        t, r = (next(x for x in rows if x["model"] == m and x["n"] == n) for m in ("transformer", "lstm"))
-        print(f"n={n:5d}: tokens/s transformer {t['train_tokens_per_s']:9.0f}  lstm {r['train_tokens_per_s']:9.0f}  "
-              f"(×{t['train_tokens_per_s'] / r['train_tokens_per_s']:.2f});  forward ms {t['forward_latency_ms']:8.1f} "
-              f"vs {r['forward_latency_ms']:8.1f}")
-        del benches
-    ctx.write_csv("parallel.csv", rows)
-    return _summarise(cfg, ctx, rows, params, width, threads)
+        rows += measure(models, n, cfg, ctx.device, threads)
+    extra = []
+    for th in cfg.reference_threads if ctx.device.type == "cpu" else []:
+        torch.set_num_threads(th)
+        extra += measure(models, cfg.reference_length, cfg, ctx.device, torch.get_num_threads())
+    torch.set_num_threads(default_threads)
+    load = {"before": load_before, "after": _loadavg()}
+    ctx.write_csv("parallel.csv", rows + extra)
+    return _summarise(cfg, ctx, rows, extra, params, width, threads, load)
 
 
-def _summarise(cfg, ctx, rows, params, width, threads) -> dict:
+def _loadavg():
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def measure(models, n, cfg, device, threads) -> list[dict]:
+    """One row per model at length n: medians over interleaved repetitions."""
+    benches = {k: _Bench(m, n, cfg, device) for k, m in models.items()}
+    times = {k: {"train": [], "fwd": []} for k in models}
+    for b in benches.values():  # warm-up: allocator, one-time kernel selection
+        b.train_step()
+        b.forward()
+    for _ in range(cfg.repeats):
+        for k, b in benches.items():  # alternate, so load changes hit both models alike
+            times[k]["train"].append(b.train_step())
+            # A forward pass of one sequence is short and noisy: take several per repetition.
+            times[k]["fwd"] += [b.forward() for _ in range(3)]
+    rows = []
+    for k, b in benches.items():
+        t_train, t_fwd = statistics.median(times[k]["train"]), statistics.median(times[k]["fwd"])
+        tokens = b.x.numel()
+        rows.append({"model": k, "n": n, "threads": threads, "batch": b.x.shape[0], "train_step_s": t_train,
+                     "train_tokens_per_s": tokens / t_train, "forward_latency_ms": 1000 * t_fwd,
+                     "train_gflops_per_s": flops_per_token(k, models[k], n) * tokens / t_train / 1e9})
+    t, r = rows
+    print(f"n={n:5d} ({threads} threads): tokens/s transformer {t['train_tokens_per_s']:8.0f}  lstm "
+          f"{r['train_tokens_per_s']:8.0f} (×{t['train_tokens_per_s'] / r['train_tokens_per_s']:.2f});  forward ms "
+          f"{t['forward_latency_ms']:8.1f} vs {r['forward_latency_ms']:8.1f}")
+    return rows
+
+
+def _summarise(cfg, ctx, rows, extra, params, width, threads, load) -> dict:
     ns = cfg.lengths
     col = lambda m, key: [next(r[key] for r in rows if r["model"] == m and r["n"] == n) for n in ns]  # noqa: E731
     tps = {m: col(m, "train_tokens_per_s") for m in ("transformer", "lstm")}
@@ -170,7 +196,7 @@ def _summarise(cfg, ctx, rows, params, width, threads) -> dict:
     # Time per sequence in training: tokens per sequence / tokens per second.
     seq_time = {m: [n / v for n, v in zip(ns, tps[m])] for m in tps}
     fits = {m: {"train_time_per_sequence": fit_exponent(ns, seq_time[m]), "forward_latency": fit_exponent(ns, lat[m]),
-                "forward_latency_top_two_lengths": fit_exponent(ns[-2:], lat[m][-2:]) if len(ns) > 1 else None}
+                "forward_latency_top_two_lengths": fit_exponent(ns[-2:], lat[m][-2:])}
             for m in tps}
     ratios = [{"n": n, "train_tokens_per_s_ratio": a / b, "forward_latency_ratio_lstm_over_transformer": c / d}
               for n, a, b, c, d in zip(ns, tps["transformer"], tps["lstm"], lat["lstm"], lat["transformer"])]
@@ -201,22 +227,40 @@ def _summarise(cfg, ctx, rows, params, width, threads) -> dict:
     table1[0]["fitted exponent: forward latency"] = f"{fits['transformer']['forward_latency']:.2f}"
     table1[1]["fitted exponent: forward latency"] = f"{fits['lstm']['forward_latency']:.2f}"
     r.table(table1)
-    r.p("An exponent of 1 is linear in n, 2 quadratic. Over 64…2048 the Transformer's cost is a mix of its O(n·d²) "
-        "projections and its O(n²·d) attention, so its whole-range exponent sits between 1 and 2 and rises towards 2 at "
-        f"the long end (last two lengths: {fits['transformer']['forward_latency_top_two_lengths']:.2f} for forward "
-        "latency). The LSTM does O(n·d²) work in n sequential steps.")
+    r.p("Exponent 1 is linear in n, 2 quadratic. The Transformer's cost mixes O(n·d²) projections with O(n²·d) "
+        "attention, so its exponent depends on the range of n against d; its forward-latency exponent over the last two "
+        f"lengths is {fits['transformer']['forward_latency_top_two_lengths']:.2f} (LSTM: "
+        f"{fits['lstm']['forward_latency_top_two_lengths']:.2f}).")
     r.table(rows, ["model", "n", "batch", "train_step_s", "train_tokens_per_s", "train_gflops_per_s",
                    "forward_latency_ms"], fmt="{:.4g}")
     r.table(ratios, fmt="{:.3g}")
-    r.p(f"At n = {ref['n']}: the Transformer trains on {ref['train_tokens_per_s_ratio']:.2f}× the LSTM's tokens/s. "
-        + (f"Training throughput curves cross at n ≈ {cross_train:.0f}. " if cross_train else
-           "The training throughput curves do not cross in this range. ")
-        + (f"Forward latency curves cross at n ≈ {cross_fwd:.0f}." if cross_fwd else
-           "The forward latency curves do not cross in this range."))
+    r.p(f"At n = {ref['n']} ({threads} thread{'s' if threads > 1 else ''}): the Transformer trains on "
+        f"{ref['train_tokens_per_s_ratio']:.2f}× the LSTM's tokens/s, and its forward pass over one sequence is "
+        f"{ref['forward_latency_ratio_lstm_over_transformer']:.2f}× faster. "
+        + (f"The training-throughput curves cross at n ≈ {cross_train:.0f}. " if cross_train else
+           "The training-throughput curves do not cross in this range. ")
+        + (f"The forward-latency curves cross at n ≈ {cross_fwd:.0f}." if cross_fwd else
+           "The forward-latency curves do not cross in this range."))
+    by_threads = []
+    for th in sorted({x["threads"] for x in extra}):
+        t, l = (next(x for x in extra if x["threads"] == th and x["model"] == m) for m in ("transformer", "lstm"))
+        by_threads.append({"threads": th, "n": t["n"], "transformer_tokens_per_s": t["train_tokens_per_s"],
+                           "lstm_tokens_per_s": l["train_tokens_per_s"],
+                           "train_ratio": t["train_tokens_per_s"] / l["train_tokens_per_s"],
+                           "forward_latency_ratio_lstm_over_transformer": l["forward_latency_ms"] / t["forward_latency_ms"]})
+    if by_threads:
+        r.h("More threads, same length")
+        r.table(by_threads, fmt="{:.3g}")
+        r.p("With more threads, each recurrent step's small matrix product is shared among them and ends in a "
+            "synchronisation (n per layer), where the Transformer synchronises once per large operation. On a busy, "
+            "shared machine a thread may wait to be scheduled at every synchronisation; read these figures with the "
+            "load average below.")
+    r.p(f"Load average (1, 5, 15 min) before the run: {load['before']}, after: {load['after']}.")
     r.image(tp_plot, "training throughput")
     r.image(lat_plot, "forward latency")
     r.save()
     print(markdown_table(ratios, fmt="{:.3g}"))
     return {"threads": threads, "params": params, "lstm_width": width,
             "ratio_at_reference": ref, "ratios": ratios, "exponents": fits,
-            "crossing_n_train": cross_train, "crossing_n_forward": cross_fwd, "rows": rows}
+            "crossing_n_train": cross_train, "crossing_n_forward": cross_fwd, "by_threads_at_reference": by_threads,
+            "loadavg": load, "rows": rows}

@@ -104,6 +104,13 @@ class TranslateConfig(ExperimentConfig):
     decode_batch: int = 128
 
 
+def paper_optim(d_model: int, warmup: int, factor: float = 1.0) -> OptimConfig:
+    """The paper's optimiser: Adam(0.9, 0.98, 1e-9) (AdamW without decay), no gradient clipping, and
+    lr = factor · d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)."""
+    return OptimConfig(lr=factor * noam_peak_lr(d_model, warmup), min_lr=0.0, schedule="inverse_sqrt",
+                       warmup_steps=warmup, weight_decay=0.0, beta1=0.9, beta2=0.98, eps=1e-9, grad_clip=0.0)
+
+
 def load_corpus(cfg: TranslateConfig) -> Splits:
     if cfg.tsv and (cfg.src_file or cfg.tgt_file):
         raise UserError("give either --tsv or --src_file/--tgt_file, not both")
@@ -140,10 +147,7 @@ def run(cfg: TranslateConfig, ctx) -> dict:
     model = Transformer(mcfg)
     task = TranslationTask(train_data, splits.valid, vocab, max_tokens=cfg.max_tokens,
                            label_smoothing=cfg.label_smoothing, seed=cfg.seed)
-    peak = cfg.lr_factor * noam_peak_lr(mcfg.d_model, cfg.warmup)
-    # The paper's optimiser: plain Adam (AdamW without decay), no gradient clipping.
-    optim = OptimConfig(lr=peak, min_lr=0.0, schedule="inverse_sqrt", warmup_steps=cfg.warmup, weight_decay=0.0,
-                        beta1=0.9, beta2=0.98, eps=1e-9, grad_clip=0.0)
+    optim = paper_optim(mcfg.d_model, cfg.warmup, cfg.lr_factor)
     tcfg = TrainConfig(steps=cfg.steps, eval_every=cfg.eval_every, log_every=10, save_every=cfg.save_every,
                        keep_checkpoints=max(cfg.average_last, 1), seed=cfg.seed, device=str(ctx.device),
                        dtype=cfg.dtype, tensorboard=False)

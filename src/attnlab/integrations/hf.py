@@ -225,7 +225,9 @@ def _base_function(base: str, module: nn.Module):
     # Eager attention is not registered globally: each model file defines its own.
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
-        raise UserError(f"{type(module).__name__} has no eager_attention_forward; load the model with attn_implementation='sdpa'")
+        raise UserError(
+            f"{type(module).__name__} has no eager_attention_forward; load the model with attn_implementation='sdpa'"
+        )
     return fn
 
 

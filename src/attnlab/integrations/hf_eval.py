@@ -127,9 +127,12 @@ def format_table(r: dict) -> str:
         if key == "patched" and r["ensemble"]:
             name += f" x{r['ensemble']} ensemble"
         ratio = s["seconds"] / max(r["unpatched"]["seconds"], 1e-12)
-        rows.append((name, f"{s['perplexity']:.4f}", f"{s['nll']:.4f}", f"{s['seconds_per_window']:.3f}", f"{ratio:.2f}x"))
+        rows.append((name, f"{s['perplexity']:.4f}", f"{s['nll']:.4f}", f"{s['seconds_per_window']:.3f}",
+                     f"{ratio:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [head] + ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [head]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
 
 
@@ -263,12 +266,14 @@ def _check(cfg: HFEvalConfig) -> None:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("batch_size", "repeats"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.dtype not in _DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
     entry = kernel_entry(cfg.attention)
     if cfg.ensemble and "sample" not in entry.cls.modes:
-        raise UserError(f"--ensemble needs a stochastic mechanism with a 'sample' mode (e.g. ssa); {cfg.attention!r} has none")
+        raise UserError(
+            f"--ensemble needs a stochastic mechanism with a 'sample' mode (e.g. ssa); {cfg.attention!r} has none"
+        )
 
 
 def byte_level_tokenizer():

@@ -1,0 +1,426 @@
+"""`attnlab bench attention`: forward time, peak memory and output error of every registered attention kernel.
+
+Speed and memory: random Gaussian q, k, v of shape [batch, heads, n, head_dim], forward only (no autograd),
+causal and non-causal, for n from 1k up to 131k. A variant stops growing n once its next forward is predicted
+(from its last two timings) to exceed `time_limit_s`, or when memory runs out. Exact attention past its
+limit gets a fitted c·n² time, flagged `extrapolated` everywhere it appears. Stochastic kernels run in their
+"sample" mode when they have one (SSA otherwise runs exact attention in evaluation).
+Peak memory: `attnlab.bench.memory.peak_memory` (tensor memory allocated during the call on top of the
+inputs; on CPU it sees tensors created by ops, not scratch buffers internal to one op).
+
+Error: ‖o − o_exact‖ / ‖o_exact‖ over the whole output, (a) on the Gaussian inputs of the speed run wherever
+exact attention ran, and (b) "at equal sizes": HyperAttention with small blocks and samples (`error_options`)
+so it approximates at modest n, against its zero-padding variant and pre-scored variants at an equal key
+budget, on Gaussian q/k/v and on q/k/v captured from a trained attnlab LM (`checkpoint`), averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..attention import build_kernel, kernels
+from ..attention.hyper import attention_layers
+from ..errors import UserError
+from .memory import peak_memory
+
+PRESCORE_METHODS = ["kmeans", "kmedian", "leverage", "norm"]
+
+
+@dataclass
+class BenchConfig:
+    out: str = "runs/bench_attention"
+    mechanisms: list[str] = field(default_factory=list)  # registered kernels to run; empty: all of them
+    options: dict[str, dict] = field(default_factory=dict)  # per kernel options; default: the kernel's defaults
+    prescore: list[str] = field(default_factory=lambda: list(PRESCORE_METHODS))  # hyper+METHOD variants
+    prescore_top_k: int = 0  # pre-scored keys, taken out of hyper's sample budget (equal budget); 0: half of it
+    lengths: list[int] = field(default_factory=lambda: [1024 * 2**i for i in range(8)])  # 1k .. 131k
+    modes: list[str] = field(default_factory=lambda: ["causal", "noncausal"])
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 0  # 0: as many as heads
+    head_dim: int = 64
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    repeats: int = 1  # timed forwards per point (the best is kept), after one untimed warm-up per variant
+    time_limit_s: float = 60.0
+    memory: bool = True
+    seed: int = 0
+    error_lengths: list[int] = field(default_factory=lambda: [3000, 6000])  # not multiples of a block
+    error_options: dict = field(default_factory=lambda: {"block_size": 64, "sample_size": 64, "min_seq_len": 256})
+    error_seeds: int = 3
+    checkpoint: str = ""  # attnlab LM run or checkpoint folder to capture q/k/v from; empty: Gaussian only
+    text: str = ""  # the text it reads for the capture; default: its own training data
+    capture_len: int = 0  # tokens; 0: the model's max_seq_len
+    capture_layer: int = -1  # which attention layer (-1: the last)
+
+
+@dataclass
+class Variant:
+    label: str
+    name: str
+    options: dict
+    skip: dict = field(default_factory=dict)  # mode -> reason it stopped growing n
+    times: dict = field(default_factory=dict)  # mode -> [(n, seconds)]
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"dtype must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+def variants(cfg: BenchConfig, *, error_study: bool = False) -> list[Variant]:
+    """Every chosen kernel with its options; hyper also with each pre-scoring method at an equal key budget
+    (and, for the error study, with small blocks and as the zero-padding variant)."""
+    registry = kernels()
+    names = cfg.mechanisms or sorted(registry)
+    unknown = sorted(set(names) - set(registry))
+    if unknown:
+        raise UserError(f"unknown mechanism(s) {', '.join(unknown)}; registered: {', '.join(sorted(registry))}")
+    names = ["exact"] + [n for n in names if n != "exact"]  # exact first: the others are measured against it
+    out = []
+    for name in names:
+        opts = dict(cfg.options.get(name, {}))
+        if name != "hyper":
+            out.append(Variant(name, name, opts))
+            continue
+        if error_study:
+            opts = {**opts, **cfg.error_options}
+        out.append(Variant("hyper", name, opts))
+        if error_study:
+            out.append(Variant("hyper zero-pad", name, {**opts, "zero_pad": True}))
+        budget = opts.get("sample_size", build_kernel("hyper", opts).config.sample_size)
+        top_k = min(cfg.prescore_top_k or max(1, budget // 2), budget)
+        for m in cfg.prescore:
+            out.append(Variant(f"hyper+{m}", name, {**opts, "prescore": m, "top_k": top_k, "sample_size": budget - top_k}))
+    return out
+
+
+def _kernel(var: Variant, seed: int | None = None):
+    opts = dict(var.options)
+    if seed is not None and var.name == "hyper":
+        opts["seed"] = seed
+    k = build_kernel(var.name, opts)
+    if "sample" in k.modes:
+        k.set_mode("sample")
+    return k.eval()
+
+
+def _supports(var: Variant, mode: str) -> bool:
+    caps = kernels()[var.name].caps
+    return caps.causal if mode == "causal" else caps.noncausal
+
+
+def gaussian_qkv(cfg: BenchConfig, n: int, seed: int, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hkv = cfg.kv_heads or cfg.heads
+    shapes = [(cfg.batch, cfg.heads, n, cfg.head_dim), (cfg.batch, hkv, n, cfg.head_dim), (cfg.batch, hkv, n, cfg.head_dim)]
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((o.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, repeats, device):
+    best, out = math.inf, None
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _predict(times: list[tuple[int, float]], n: int) -> float:
+    """Next time from the last two points' local exponent (at least 1, at most 2); none measured: 0."""
+    if not times:
+        return 0.0
+    n1, t1 = times[-1]
+    p = 2.0
+    if len(times) >= 2:
+        n0, t0 = times[-2]
+        p = min(2.0, max(1.0, math.log(max(t1, 1e-9) / max(t0, 1e-9)) / math.log(n1 / n0)))
+    return t1 * (n / n1) ** p
+
+
+def fit_n2(times: list[tuple[int, float]]) -> float:
+    """c of t ≈ c·n², least squares over the measured points in the upper half (log-scale) of n."""
+    if not times:
+        raise ValueError("no timings to fit")
+    top = max(n for n, _ in times)
+    pts = [(n, t) for n, t in times if n * n >= top] or times
+    return sum(t * n * n for n, t in pts) / sum(float(n) ** 4 for n, _ in pts)
+
+
+def speed_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
+    rows = []
+    vars_ = variants(cfg)
+    for mode in cfg.modes:
+        if mode not in ("causal", "noncausal"):
+            raise UserError(f"mode must be causal or noncausal, got {mode!r}")
+        causal = mode == "causal"
+        warm = gaussian_qkv(cfg, min(cfg.lengths), cfg.seed, device, dtype)
+        for var in vars_:
+            if _supports(var, mode):
+                with torch.no_grad():
+                    _kernel(var)(*warm, causal=causal)
+        for n in sorted(cfg.lengths):
+            q, k, v = gaussian_qkv(cfg, n, cfg.seed + n, device, dtype)
+            ref = None
+            for var in vars_:
+                row = {"mode": mode, "n": n, "variant": var.label}
+                if not _supports(var, mode):
+                    continue
+                if mode not in var.skip:
+                    predicted = _predict(var.times.get(mode, []), n)
+                    if predicted > cfg.time_limit_s:
+                        var.skip[mode] = f"predicted {predicted:.0f} s > {cfg.time_limit_s:.0f} s"
+                        log(f"  {mode} n={n} {var.label}: stops ({var.skip[mode]})")
+                if mode in var.skip:
+                    if var.name == "exact" and var.times.get(mode):
+                        c = fit_n2(var.times[mode])
+                        rows.append({**row, "time_s": c * n * n, "extrapolated": True,
+                                     "note": f"c·n² fitted to {len(var.times[mode])} measured points"})
+                    continue
+                kern = _kernel(var)
+                try:
+                    with torch.no_grad():
+                        t, o = _timed(lambda: kern(q, k, v, causal=causal), cfg.repeats, device)
+                        mem = None
+                        if cfg.memory:
+                            _, mem = peak_memory(lambda: kern(q, k, v, causal=causal), device)
+                except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+                    if isinstance(e, RuntimeError) and "memory" not in str(e).lower():
+                        raise
+                    var.skip[mode] = "out of memory"
+                    log(f"  {mode} n={n} {var.label}: out of memory")
+                    continue
+                var.times.setdefault(mode, []).append((n, t))
+                if var.name == "exact":
+                    ref = o
+                row.update(time_s=t, extrapolated=False, peak_mem_MB=None if mem is None else mem / 2**20,
+                           rel_err_gaussian=None if ref is None else rel_error(o, ref))
+                rows.append(row)
+                log(f"  {mode} n={n} {var.label}: {t:.3f} s" + (f", {mem / 2**20:.0f} MB" if mem is not None else "")
+                    + (f", rel err {row['rel_err_gaussian']:.3g}" if row["rel_err_gaussian"] is not None else ""))
+                del o
+            del q, k, v, ref
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows):
+    exact = {(r["mode"], r["n"]): r for r in rows if r["variant"] == "exact"}
+    plain = {(r["mode"], r["n"]): r for r in rows if r["variant"] == "hyper" and not r.get("extrapolated")}
+    for r in rows:
+        e = exact.get((r["mode"], r["n"]))
+        if e is not None and r["variant"] != "exact" and not r.get("extrapolated"):
+            r["speedup_vs_exact"] = e["time_s"] / r["time_s"]
+            r["exact_extrapolated"] = bool(e.get("extrapolated"))
+        h = plain.get((r["mode"], r["n"]))
+        if h is not None and r["variant"].startswith("hyper+") and not r.get("extrapolated"):
+            r["overhead_vs_hyper"] = r["time_s"] / h["time_s"] - 1.0
+
+
+def capture_qkv(model, idx: torch.Tensor, layer: int = -1):
+    """Run `model` on tokens `idx` and return the (q, k, v) that attention layer `layer` hands its kernel
+    (after projections, transforms and rotary): the inputs a replacement kernel would see."""
+    layers = attention_layers(model)
+    if not layers:
+        raise UserError("the model has no attention layers")
+    target = layers[layer].kernel
+    seen = {}
+
+    def hook(_mod, args, kwargs):
+        seen["qkv"] = tuple(a.detach().clone() for a in args[:3])
+        seen["causal"] = kwargs.get("causal", False)
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        handle.remove()
+    return seen["qkv"], seen["causal"]
+
+
+def captured_from_checkpoint(cfg: BenchConfig, device):
+    """q, k, v of one layer of a trained attnlab LM reading `capture_len` tokens of validation text."""
+    from ..workflows import DataConfig, _run_dir, _tokenizer_for, load_lm
+    from ..config import from_dict
+    from ..data.text import TextCorpus
+
+    model, record, ckpt = load_lm(cfg.checkpoint)
+    data = from_dict(DataConfig, record.get("run", {}).get("data"), "checkpoint data config")
+    path = cfg.text or data.path
+    if not path:
+        raise UserError("pass --text: the checkpoint does not name the text it was trained on")
+    n = cfg.capture_len or model.cfg.max_seq_len
+    if n > model.cfg.max_seq_len:
+        if model.cfg.pos != "rope":
+            raise UserError(f"capture_len {n} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
+        model.cfg.max_seq_len = n  # rotary positions have no table: longer inputs only leave the trained range
+    tok = _tokenizer_for(data, _run_dir(ckpt), fresh=False)
+    corpus = TextCorpus(path, tok, val_fraction=data.val_fraction)
+    split = "val" if len(corpus.val) > n else "train"
+    x, _ = next(corpus.eval_windows(split, n, 1))
+    model.to(device).eval()
+    (q, k, v), causal = capture_qkv(model, x.to(device), cfg.capture_layer)
+    return q, k, v, causal, f"{Path(cfg.checkpoint).name} layer {cfg.capture_layer}, {n} tokens of {Path(path).name}"
+
+
+def error_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
+    sources = [(f"gaussian n={n}", gaussian_qkv(cfg, n, cfg.seed + 7 * n, device, dtype)) for n in cfg.error_lengths]
+    if cfg.checkpoint:
+        # Captured from a causal LM, but valid inputs for both modes.
+        q, k, v, _, what = captured_from_checkpoint(cfg, device)
+        sources.append((f"trained LM ({what})", [t.to(dtype) for t in (q, k, v)]))
+    rows = []
+    for label, (q, k, v) in sources:
+        for mode in cfg.modes:
+            causal = mode == "causal"
+            with torch.no_grad():
+                ref = _kernel(Variant("exact", "exact", {}))(q, k, v, causal=causal)
+                for var in variants(cfg, error_study=True):
+                    if var.name == "exact" or not _supports(var, mode):
+                        continue
+                    errs = []
+                    for s in range(cfg.error_seeds):
+                        torch.manual_seed(cfg.seed + s)
+                        errs.append(rel_error(_kernel(var, seed=cfg.seed + s)(q, k, v, causal=causal), ref))
+                    mean = sum(errs) / len(errs)
+                    std = math.sqrt(sum((e - mean) ** 2 for e in errs) / max(1, len(errs) - 1))
+                    rows.append({"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
+                                 "rel_err_mean": mean, "rel_err_std": std, "seeds": len(errs)})
+                    log(f"  {label} {mode} {var.label}: rel err {mean:.4g} ± {std:.2g}")
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _plots(out: Path, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, ylabel, fname in (("time_s", "forward time (s)", "time.png"), ("peak_mem_MB", "peak memory (MB)", "memory.png")):
+        if not any(r.get(key) for r in rows):
+            continue
+        modes = sorted({r["mode"] for r in rows})
+        fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            labels = list(dict.fromkeys(r["variant"] for r in rows if r["mode"] == mode))
+            for lab in labels:
+                pts = [(r["n"], r[key], r.get("extrapolated")) for r in rows
+                       if r["mode"] == mode and r["variant"] == lab and r.get(key) is not None]
+                meas = [(n, y) for n, y, e in pts if not e]
+                extr = [(n, y) for n, y, e in pts if e]
+                if meas:
+                    line, = ax.plot(*zip(*meas), marker="o", markersize=3, label=lab)
+                    if extr:
+                        ax.plot(*zip(*([meas[-1]] + extr)), linestyle="--", color=line.get_color(),
+                                label=f"{lab} (fitted n², extrapolated)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length n")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{mode}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def bench_attention(cfg: BenchConfig) -> Path:
+    """Run the benchmark; writes speed.csv, errors.csv, time.png, memory.png, report.md and summary.json to
+    cfg.out and returns that folder."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but no CUDA GPU is available")
+    dtype = _dtype(cfg.dtype)
+    if not cfg.lengths or min(cfg.lengths) < 1:
+        raise UserError("lengths must be positive")
+    t0 = time.time()
+    print(f"speed and memory on {device}, {torch.get_num_threads()} threads, {cfg.dtype}")
+    speed = speed_rows(cfg, device, dtype)
+    _write_csv(out / "speed.csv", speed)
+    print("error at equal sizes")
+    errors = error_rows(cfg, device, dtype)
+    if errors:
+        _write_csv(out / "errors.csv", errors)
+    plots = _plots(out, speed)
+    shape = (f"batch {cfg.batch}, {cfg.heads} heads ({cfg.kv_heads or cfg.heads} kv), head dim {cfg.head_dim}, "
+             f"{cfg.dtype}, {device}, {torch.get_num_threads()} threads")
+    parts = [
+        "# Attention benchmark",
+        f"Forward pass only, no autograd; {shape}. Times are the best of {max(1, cfg.repeats)} after a warm-up; "
+        f"a variant stops at the first n predicted to exceed {cfg.time_limit_s:.0f} s. Rows marked extrapolated "
+        "are exact attention at a fitted c·n², not measurements. Peak memory is the tensor memory the call "
+        "allocates on top of its inputs (attnlab.bench.memory). rel_err_gaussian = ‖o − o_exact‖/‖o_exact‖ on "
+        "the same Gaussian inputs (near-uniform attention: sampling noise dominates, see the spec).",
+        "Variants: " + "; ".join(f"{v.label} = {v.name} {json.dumps(v.options)}" for v in variants(cfg)),
+        _table(speed, ["mode", "n", "variant", "time_s", "extrapolated", "speedup_vs_exact", "exact_extrapolated",
+                       "overhead_vs_hyper", "peak_mem_MB", "rel_err_gaussian"]),
+        *[f"![{p.stem}]({p.name})" for p in plots],
+    ]
+    if errors:
+        ev = variants(cfg, error_study=True)
+        parts += ["## Error at equal sizes",
+                  f"Relative error against exact attention, mean ± std over {cfg.error_seeds} seeds. Variants: "
+                  + "; ".join(f"{v.label} = {v.name} {json.dumps(v.options)}" for v in ev if v.name != "exact"),
+                  _table(errors, ["source", "n", "mode", "variant", "rel_err_mean", "rel_err_std"])]
+    (out / "report.md").write_text("\n\n".join(parts) + "\n")
+    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
+               "wall_s": round(time.time() - t0, 1), "speed": speed, "errors": errors}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {out}/report.md")
+    return out

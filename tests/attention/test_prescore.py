@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from attnlab.attention import prescore
+
+
+def _svd_leverage(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    u, s, _ = torch.linalg.svd(k, full_matrices=False)
+    rank = int((s > s.max() * 1e-10).sum())
+    return u[:, :rank].pow(2).sum(-1), rank
+
+
+@pytest.mark.parametrize("rank", [8, 3])
+def test_leverage_scores_are_squared_row_norms_of_u_and_sum_to_the_rank(rank):
+    g = torch.Generator().manual_seed(rank)
+    k = torch.randn(200, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 8, generator=g, dtype=torch.float64)
+    k[7] *= 40  # an outlying key has leverage close to 1
+    want, r = _svd_leverage(k)
+    assert r == rank
+    got = prescore.leverage_scores(k)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    assert abs(float(got.sum()) - rank) < 1e-8
+    assert int(got.argmax()) == 7 and 0 <= float(got.min()) and float(got.max()) <= 1 + 1e-9
+
+
+def test_leverage_is_batched_and_works_from_float32():
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 3, 300, 16, generator=g)
+    got = prescore.leverage_scores(k)
+    assert got.shape == (2, 3, 300) and got.dtype == torch.float32
+    for i in range(2):
+        for j in range(3):
+            want, _ = _svd_leverage(k[i, j].double())
+            torch.testing.assert_close(got[i, j].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_leverage_is_not_the_norm_proxy():
+    # Leverage ignores how the key space is scaled; ‖k‖² does not. Stretching one axis changes only the proxy.
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(100, 4, generator=g, dtype=torch.float64)
+    stretched = k * torch.tensor([10.0, 1, 1, 1], dtype=torch.float64)
+    torch.testing.assert_close(prescore.leverage_scores(stretched), prescore.leverage_scores(k))
+    assert not torch.allclose(prescore.norm_scores(stretched), prescore.norm_scores(k).float() * 1.0)
+    torch.testing.assert_close(prescore.norm_scores(k), k.float().pow(2).sum(-1))
+    # The official "leverage" (‖k·W‖² for an orthogonal W) is exactly the norm proxy.
+    w, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    torch.testing.assert_close((k @ w).pow(2).sum(-1), k.pow(2).sum(-1))
+
+
+def _planted(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[8.0, 0, 0, 0], [0, 8.0, 0, 0], [0, 0, 8.0, 0]])
+    pts = torch.cat([c + 0.3 * torch.randn(60, 4, generator=g) for c in centres])
+    outliers = torch.tensor([[8.0, 0, 0, 5.0], [0, 5.0, 5.0, 0]])
+    return torch.cat([pts, outliers]), g
+
+
+@pytest.mark.parametrize("median", [False, True])
+def test_cluster_scores_rank_outliers_first(median):
+    x, g = _planted()
+    scores = prescore.cluster_scores(x[None], clusters=3, iters=10, median=median, generator=g)[0]
+    top2 = set(scores.topk(2).indices.tolist())
+    assert top2 == {180, 181}
+
+
+def test_cluster_scores_are_shares_of_their_cluster():
+    x, g = _planted(1)
+    scores = prescore.cluster_scores(x[None], clusters=4, iters=10, generator=g)[0]
+    cents = prescore.fit_centroids(x[None], 4, 10, median=False, generator=torch.Generator().manual_seed(9))
+    assert cents.shape == (1, 4, 4)
+    # Whatever the clustering, scores are non-negative and each cluster's scores sum to 1: total = #clusters used.
+    assert float(scores.min()) >= 0
+    assert 1 <= round(float(scores.sum())) <= 4 and abs(float(scores.sum()) - round(float(scores.sum()))) < 1e-4
+
+
+def test_singleton_cluster_scores_one():
+    x = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [50.0, 50.0]]])
+    scores = prescore.cluster_scores(x, clusters=2, iters=5, generator=torch.Generator().manual_seed(0))
+    assert float(scores[0, 3]) == 1.0 and float(scores[0, :3].max()) < 1.0
+
+
+def test_updates_compute_cluster_means_and_lower_medians():
+    x = torch.tensor([[[1.0, 5.0], [3.0, 1.0], [2.0, 9.0], [10.0, 10.0], [12.0, 14.0]]])
+    assign = torch.tensor([[0, 0, 0, 1, 1]])
+    old = torch.zeros(1, 3, 2)
+    mean = prescore._mean_update(x, assign, old)
+    torch.testing.assert_close(mean[0, :2], torch.tensor([[2.0, 5.0], [11.0, 12.0]]))
+    med = prescore._median_update(x, assign, old)
+    torch.testing.assert_close(med[0, :2], torch.tensor([[2.0, 5.0], [10.0, 10.0]]))
+    assert torch.equal(mean[0, 2], old[0, 2]) and torch.equal(med[0, 2], old[0, 2])  # empty cluster kept
+
+
+def test_kmeans_pp_seeds_are_data_points():
+    x = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
+    c = prescore.kmeans_pp_init(x, 5, torch.Generator().manual_seed(5))
+    for i in range(3):
+        d = (c[i][:, None] - x[i][None]).abs().amax(-1).min(-1).values
+        assert float(d.max()) == 0.0
+
+
+def test_key_scores_dispatch_and_subsampled_fit():
+    k = torch.randn(1, 2, 500, 8, generator=torch.Generator().manual_seed(6))
+    for method in prescore.METHODS:
+        s = prescore.key_scores(k, method, clusters=4, iters=3, fit_size=64, generator=torch.Generator().manual_seed(0))
+        assert s.shape == (1, 2, 500) and torch.isfinite(s).all()
+    with pytest.raises(ValueError):
+        prescore.key_scores(k, "kernel", clusters=4, iters=3)
