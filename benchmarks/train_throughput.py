@@ -29,7 +29,7 @@ def build_xt(a):
     return TransformerWrapper(
         num_tokens=a.vocab, max_seq_len=a.context, use_abs_pos_emb=False, tie_embedding=True,
         attn_layers=Decoder(dim=a.d_model, depth=a.layers, heads=a.heads, attn_dim_head=a.d_model // a.heads,
-                            rotary_pos_emb=True, attn_flash=True, ff_mult=4, ff_no_bias=True, attn_dropout=0.0,
+                            rotary_pos_emb=True, rotary_emb_dim=a.d_model // a.heads, attn_flash=True, ff_mult=4, ff_no_bias=True, attn_dropout=0.0,
                             ff_dropout=0.0))
 
 

@@ -90,7 +90,7 @@ def test_over_long_context_is_refused(tmp_path, text, capsys):
     capsys.readouterr()
     assert main(["eval", "--ckpt", str(out), "--context", "64"]) == 2
     assert "max_seq_len" in _err(capsys)
-    assert main(["generate", "--ckpt", str(out), "--prompt", "To be", "--max_new_tokens", "100"]) == 2
+    assert main(["generate", "--ckpt", str(out), "--prompt", "To be", "--max_new_tokens", "100", "--sliding_window", "false"]) == 2
     assert "max_seq_len" in _err(capsys)
 
 

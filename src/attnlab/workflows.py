@@ -179,6 +179,7 @@ class GenerateConfig:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, each one token of the tokenizer
     num_samples: int = 1
+    sliding_window: bool = True  # keep generating past the context by conditioning on the latest tokens
     seed: int = 0
     device: str = "auto"
 
@@ -205,7 +206,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids] * cfg.num_samples, device=device)
     out = generate(model, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   stop_tokens=tuple(stops), generator=g)
+                   stop_tokens=tuple(stops), generator=g, sliding_window=cfg.sliding_window)
     texts = [tok.decode(row.tolist()) for row in out]
     for t in texts:
         print(t)

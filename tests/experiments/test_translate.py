@@ -25,9 +25,11 @@ def test_the_experiment_trains_with_the_papers_optimiser_and_schedule(d_model, w
 
 
 def test_translation_scores():
-    refs = ["trois cent cinq", "mille un"]
+    # Corpus BLEU needs 4-grams somewhere: one reference is long enough.
+    refs = ["deux cent mille trois cent cinq", "mille un"]
     assert translation_scores(refs, refs) == pytest.approx({"bleu": 100.0, "chrf": 100.0, "exact": 100.0})
-    s = translation_scores(["trois cent cinq", "mille deux"], refs)
+    assert translation_scores(["deux  cent mille trois cent cinq", "mille un"], refs)["exact"] == 100.0
+    s = translation_scores(["deux cent mille trois cent cinq", "mille deux"], refs)
     assert s["exact"] == 50.0 and 0 < s["bleu"] < 100
 
 
@@ -36,9 +38,11 @@ def test_tiny_end_to_end_run(tmp_path):
     cfg = TranslateConfig(
         out=str(tmp_path / "run"), task=NumberTaskConfig(high=999, n_train=120, n_valid=10, n_test=12),
         model=Seq2SeqConfig(n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=40), bpe_vocab_size=300,
-        steps=6, eval_every=3, save_every=2, average_last=3, warmup=3, max_tokens=256, beam_size=2)
+        steps=6, eval_every=3, save_every=2, average_last=3, warmup=3, max_tokens=256, beam_size=2, lstm_baseline=True)
     summary = run_experiment("translate", cfg)
-    assert set(summary["test"]) == {"greedy", "beam2", "avg3+greedy", "avg3+beam2"}
+    assert set(summary["test"]) == {"greedy", "beam2", "avg3+greedy", "avg3+beam2", "lstm greedy", "lstm beam2"}
+    lstm = summary["lstm_baseline"]
+    assert abs(lstm["params"] - summary["params"]) / summary["params"] < 0.1
     assert summary["averaged_checkpoints"] == ["step_000002", "step_000004", "step_000006"]
     for row in summary["test"].values():
         assert 0.0 <= row["exact"] <= 100.0 and math.isfinite(row["bleu"])

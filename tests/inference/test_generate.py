@@ -203,3 +203,20 @@ def test_cached_generation_feeds_one_token_per_step():
     model = _FixedLogits(PROBS.log())
     generate(model, torch.zeros(2, 1, dtype=torch.long), 5, temperature=0)
     assert model.calls == 5  # the prefill plus one call per token, none after the last one
+
+
+def test_sliding_window_generation_runs_past_the_context_and_matches_the_uncached_path():
+    torch.manual_seed(0)
+    model = LM(LMConfig(vocab_size=17, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    prompt = torch.randint(0, 17, (2, 5))
+    with pytest.raises(UserError, match="max_seq_len"):
+        generate(model, prompt, 40, temperature=0)
+    cached = generate(model, prompt, 40, temperature=0, sliding_window=True)
+    assert cached.shape == (2, 45)
+    # The cached path restarts from half a context; the reference recomputes over the last 16 tokens at every
+    # step. They agree up to the first restart and each step conditions on at most max_seq_len tokens.
+    ref = generate(model, prompt, 11, temperature=0, use_cache=False, sliding_window=True)
+    assert torch.equal(cached[:, :16], ref[:, :16])
+    long_prompt = torch.randint(0, 17, (1, 17))
+    with pytest.raises(UserError, match="max_seq_len"):
+        generate(model, long_prompt, 1, temperature=0, sliding_window=True)

@@ -14,12 +14,19 @@ Non-causal (every query against every key, `_rect`):
    drawn from the other keys only, weighted (n - top_k)/sample_size.
 All pieces cover disjoint key sets and are merged exactly through their log-sum-exp (`attention.merge`).
 
-Causal: exact below `min_seq_len`; above it the sequence splits in halves, the two diagonal halves recurse
-(folded into the batch), and the lower-left rectangle (second-half queries, first-half keys) is the
-non-causal algorithm, merged into the second half. So pre-scoring only acts where the kernel approximates.
+Causal: exact below `min_seq_len`; above it the sequence splits in halves, the two diagonal halves recurse,
+and the lower-left rectangle (second-half queries, first-half keys) is the non-causal algorithm, merged into
+the second half. So pre-scoring only acts where the kernel approximates. Fewer queries than keys (a KV
+cache) are the newest positions: the older keys form one more non-causal rectangle; a decoding step (at most
+`block_size` queries) is exact.
+
+Grouped-query attention: keys are hashed, sorted and scored once per kv head; the query heads sharing them
+are stacked into the same blocks. Masks: a key-padding mask sorts masked keys last and masks them; a general
+mask is gathered for exactly the (query, key) pairs that are computed.
 
 Exact pieces run through SDPA kernels that return the log-sum-exp (`attention_lse`); when gradients are
-needed they run as plain differentiable math instead, so the kernel trains too (slowly).
+needed they run as plain differentiable math instead, so the kernel trains too (slowly). Without gradients,
+pieces are written into one output buffer and merged in place, a few heads at a time.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ class HyperConfig:
     top_k: int = 256
     clusters: int | None = None
     iters: int | None = None
-    fit_size: int = 4096
+    fit_size: int = 1024
     zero_pad: bool = False
 
     def __post_init__(self):
@@ -219,23 +226,26 @@ def hyper_attention(q, k, v, cfg: HyperConfig, *, causal=False, mask=None, scale
         gen = torch.Generator(device=q.device).manual_seed(cfg.seed)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     ctx = _Ctx(cfg, scale, gen, inplace=not grad)
+    # Chunks: a few kv heads of one sequence, or (when every head fits) a few whole sequences.
     per_head = max(nq * g, nk) * d * q.element_size()
     heads = max(1, min(hkv, _CHUNK_BYTES // max(per_head, 1)))
+    seqs = max(1, min(b, _CHUNK_BYTES // max(per_head * hkv, 1))) if heads == hkv else 1
     out = None
     if ctx.inplace:
         out = (q.new_empty(b, hq, nq, d), torch.empty(b, hq, nq, dtype=_lse_dtype(q), device=q.device))
     pieces = []
-    for bi in range(b):
+    for b0 in range(0, b, seqs):
+        bs = slice(b0, min(b, b0 + seqs))
         row = []
         for h0 in range(0, hkv, heads):
             h1 = min(hkv, h0 + heads)
             qh, kh = slice(h0 * g, h1 * g), slice(h0, h1)
             m = None
             if mask is not None:
-                m = mask[bi : bi + 1] if mask.shape[0] > 1 else mask
+                m = mask[bs] if mask.shape[0] > 1 else mask
                 m = m[:, qh] if m.shape[1] > 1 else m
-            dst = None if out is None else (out[0][bi : bi + 1, qh], out[1][bi : bi + 1, qh])
-            row.append(_run(q[bi : bi + 1, qh], k[bi : bi + 1, kh], v[bi : bi + 1, kh], m, causal, ctx, dst))
+            dst = None if out is None else (out[0][bs, qh], out[1][bs, qh])
+            row.append(_run(q[bs, qh], k[bs, kh], v[bs, kh], m, causal, ctx, dst))
         pieces.append(row)
     if out is not None:
         return out

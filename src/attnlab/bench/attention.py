@@ -286,31 +286,59 @@ def captured_from_checkpoint(cfg: BenchConfig, device):
     return q, k, v, causal, f"{Path(cfg.checkpoint).name} layer {cfg.capture_layer}, {n} tokens of {Path(path).name}"
 
 
-def error_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
-    sources = [(f"gaussian n={n}", gaussian_qkv(cfg, n, cfg.seed + 7 * n, device, dtype)) for n in cfg.error_lengths]
-    if cfg.checkpoint:
-        # Captured from a causal LM, but valid inputs for both modes.
-        q, k, v, _, what = captured_from_checkpoint(cfg, device)
-        sources.append((f"trained LM ({what})", [t.to(dtype) for t in (q, k, v)]))
+def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None = None) -> list[dict]:
+    """Error at equal sizes on `sources` [(label, (q, k, v))]; default: Gaussian at cfg.error_lengths, plus
+    q/k/v captured from cfg.checkpoint when given."""
+    if sources is None:
+        sources = [(f"gaussian n={n}", gaussian_qkv(cfg, n, cfg.seed + 7 * n, device, dtype)) for n in cfg.error_lengths]
+        if cfg.checkpoint:
+            # Captured from a causal LM, but valid inputs for both modes.
+            q, k, v, _, what = captured_from_checkpoint(cfg, device)
+            sources.append((f"trained LM ({what})", [t.to(dtype) for t in (q, k, v)]))
     rows = []
     for label, (q, k, v) in sources:
         for mode in cfg.modes:
             causal = mode == "causal"
             with torch.no_grad():
                 ref = _kernel(Variant("exact", "exact", {}))(q, k, v, causal=causal)
+                masked = {}  # seed -> plain hyper output, to pair with the zero-padding variant
                 for var in variants(cfg, error_study=True):
                     if var.name == "exact" or not _supports(var, mode):
                         continue
-                    errs = []
+                    errs, padded = [], []
                     for s in range(cfg.error_seeds):
                         torch.manual_seed(cfg.seed + s)
-                        errs.append(rel_error(_kernel(var, seed=cfg.seed + s)(q, k, v, causal=causal), ref))
-                    mean = sum(errs) / len(errs)
-                    std = math.sqrt(sum((e - mean) ** 2 for e in errs) / max(1, len(errs) - 1))
-                    rows.append({"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
-                                 "rel_err_mean": mean, "rel_err_std": std, "seeds": len(errs)})
-                    log(f"  {label} {mode} {var.label}: rel err {mean:.4g} ± {std:.2g}")
+                        o = _kernel(var, seed=cfg.seed + s)(q, k, v, causal=causal)
+                        errs.append(rel_error(o, ref))
+                        if var.label == "hyper":
+                            masked[s] = o
+                        elif var.label == "hyper zero-pad" and s in masked:
+                            padded.append(_padded_rows_errors(masked[s], o, ref))
+                    row = {"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
+                           **_mean_std("rel_err", errs), "seeds": len(errs)}
+                    if padded:
+                        # Same seed, same draws: the outputs differ exactly on the queries whose block had padding.
+                        row["padded_rows_share"] = sum(p[0] for p in padded) / len(padded)
+                        row["rel_err_padded_rows_masked"] = sum(p[1] for p in padded) / len(padded)
+                        row["rel_err_padded_rows_zero_pad"] = sum(p[2] for p in padded) / len(padded)
+                    rows.append(row)
+                    log(f"  {label} {mode} {var.label}: rel err {row['rel_err_mean']:.4g} ± {row['rel_err_std']:.2g}"
+                        + (f"; on the padded blocks' rows: masked {row['rel_err_padded_rows_masked']:.4g}, zero-pad "
+                           f"{row['rel_err_padded_rows_zero_pad']:.4g}" if padded else ""))
     return rows
+
+
+def _mean_std(name, xs):
+    mean = sum(xs) / len(xs)
+    return {f"{name}_mean": mean, f"{name}_std": math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))}
+
+
+def _padded_rows_errors(o_mask, o_zero, ref):
+    """(share of query rows touched by padding, rel. error of the masked and of the zero-padded output there)."""
+    hit = (o_mask != o_zero).any(-1)
+    if not bool(hit.any()):
+        return 0.0, 0.0, 0.0
+    return float(hit.float().mean()), rel_error(o_mask[hit], ref[hit]), rel_error(o_zero[hit], ref[hit])
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -417,7 +445,10 @@ def bench_attention(cfg: BenchConfig) -> Path:
         parts += ["## Error at equal sizes",
                   f"Relative error against exact attention, mean ± std over {cfg.error_seeds} seeds. Variants: "
                   + "; ".join(f"{v.label} = {v.name} {json.dumps(v.options)}" for v in ev if v.name != "exact"),
-                  _table(errors, ["source", "n", "mode", "variant", "rel_err_mean", "rel_err_std"])]
+                  "For the zero-padding variant (same seeds, so the same draws) the last three columns restrict "
+                  "both to the query rows whose block held padding: the only rows where the designs differ.",
+                  _table(errors, ["source", "n", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
+                                  "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad"])]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     summary = {"config": dataclasses.asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
                "wall_s": round(time.time() - t0, 1), "speed": speed, "errors": errors}

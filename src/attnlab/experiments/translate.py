@@ -21,6 +21,7 @@ from ..data.parallel import (
 )
 from ..errors import UserError
 from ..inference.beam import decode_all
+from ..models.rnn import LSTMSeq2Seq, LSTMSeq2SeqConfig, match_lstm_width
 from ..models.seq2seq import Seq2SeqConfig, Transformer
 from ..training import OptimConfig, TrainConfig, train
 from ..training.average import average_checkpoints
@@ -102,6 +103,7 @@ class TranslateConfig(ExperimentConfig):
     beam_size: int = 4
     alpha: float = 0.6
     decode_batch: int = 128
+    lstm_baseline: bool = False  # also train an LSTM seq2seq with attention of matched size on the same batches
 
 
 def paper_optim(d_model: int, warmup: int, factor: float = 1.0) -> OptimConfig:
@@ -174,6 +176,14 @@ def run(cfg: TranslateConfig, ctx) -> dict:
         model.eval()
         outputs[f"avg{len(ckpts)}+greedy"] = decode("greedy")
         outputs[f"avg{len(ckpts)}+beam{cfg.beam_size}"] = decode("beam")
+    lstm_info = None
+    if cfg.lstm_baseline:
+        lstm_info = _lstm_baseline(cfg, ctx, mcfg, model.num_params(), task, tcfg, optim)
+        lstm = lstm_info.pop("model")
+        for method, label in (("greedy", "lstm greedy"), ("beam", f"lstm beam{cfg.beam_size}")):
+            ids = decode_all(lstm, test_src, method=method, beam_size=cfg.beam_size, alpha=cfg.alpha,
+                             batch_size=cfg.decode_batch, device=ctx.device)
+            outputs[label] = [vocab.decode(h) for h in ids]
     rows = []
     for name, hyps in outputs.items():
         rows.append({"decoding": name, **translation_scores(hyps, refs)})
@@ -183,16 +193,37 @@ def run(cfg: TranslateConfig, ctx) -> dict:
     ctx.write_jsonl("train_history.jsonl", res.history)
     ctx.write_jsonl("evals.jsonl", res.evals)
     ctx.write_csv("test_scores.csv", rows)
-    _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts)
+    _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts, lstm_info)
     by = {r["decoding"]: r for r in rows}
     greedy, beam = by["greedy"], by[f"beam{cfg.beam_size}"]
     return {"params": model.num_params(), "vocab_size": vocab.size, "train_pairs": len(train_data.src),
             "test_pairs": len(refs), "steps": res.steps, "train_tokens_per_s": round(res.tokens_per_s),
             "test": by, "beam_minus_greedy_bleu": beam["bleu"] - greedy["bleu"],
-            "final_valid": res.final, "averaged_checkpoints": [c.name for c in ckpts] if averaged else []}
+            "final_valid": res.final, "averaged_checkpoints": [c.name for c in ckpts] if averaged else [],
+            "lstm_baseline": lstm_info}
 
 
-def _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts):
+def _lstm_baseline(cfg, ctx, mcfg, target_params, task, tcfg, optim) -> dict:
+    """Luong-attention LSTM seq2seq with as many parameters as the Transformer, trained on the same batches for
+    the same steps. Recurrent nets want their gradients clipped, so it gets clipping at 1; otherwise the same
+    optimiser and schedule."""
+    def build(w):
+        return LSTMSeq2Seq(LSTMSeq2SeqConfig(vocab_size=mcfg.vocab_size, d_model=w, n_layer=2, dropout=mcfg.dropout,
+                                             max_seq_len=mcfg.max_seq_len, pad_id=mcfg.pad_id, bos_id=mcfg.bos_id,
+                                             eos_id=mcfg.eos_id))
+
+    width = match_lstm_width(target_params, build)
+    torch.manual_seed(cfg.seed)
+    lstm = build(width)
+    print(f"LSTM baseline: width {width}, {lstm.num_params():,} parameters")
+    res = train(lstm, task, tcfg, replace(optim, grad_clip=1.0), out_dir=ctx.out / "train_lstm",
+                run_config={"model": asdict(lstm.cfg)})
+    lstm.eval()
+    return {"model": lstm, "width": width, "params": lstm.num_params(), "train_tokens_per_s": round(res.tokens_per_s),
+            "final_valid": res.final, "evals": res.evals}
+
+
+def _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts, lstm_info):
     steps = [h["step"] for h in res.history]
     loss_plot = line_plot(ctx.out / "learning_curve.png", {
         "train loss (smoothed targets)": (steps, [h["loss"] for h in res.history]),
@@ -220,6 +251,10 @@ def _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts)
     r.table(rows, ["decoding", "bleu", "chrf", "exact"], fmt="{:.2f}")
     if ckpts:
         r.p(f"Averaged checkpoints: {', '.join(c.name for c in ckpts)}.")
+    if lstm_info:
+        r.p(f"LSTM baseline (Luong attention, input feeding, 2+2 layers of width {lstm_info['width']}, "
+            f"{lstm_info['params']:,} parameters), same batches and steps: {lstm_info['train_tokens_per_s']:,} target "
+            f"tokens/s against the Transformer's {res.tokens_per_s:,.0f}.")
     r.image(loss_plot, "learning curve")
     r.image(acc_plot, "valid scores")
     wrong = [s for s in samples if s["greedy"] != s["reference"]][:8]

@@ -21,6 +21,7 @@ def generate(
     stop_tokens: Iterable[int] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    sliding_window: bool = False,
 ) -> torch.Tensor:
     """Extend `prompt_ids` [B, T] by up to `max_new_tokens` tokens; returns [B, T + n] with n <= max_new_tokens.
 
@@ -29,8 +30,10 @@ def generate(
     A row that emits one of `stop_tokens` keeps that token and is padded with it afterwards; generation
     ends early once every row has stopped. `generator` seeds the sampling for reproducible draws.
     The model runs in eval mode (dropout off) and gets its training flag back afterwards.
+    sliding_window: let the text grow past the model's max_seq_len by conditioning on its most recent tokens
+    (the cache restarts from the last half-context whenever it fills); otherwise that is refused.
     """
-    prompt_ids = _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p)
+    prompt_ids = _check(model, prompt_ids, 0 if sliding_window else max_new_tokens, temperature, top_k, top_p)
     vocab = model.cfg.vocab_size
     stops = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=torch.long, device=prompt_ids.device)
     if stops.numel() and not (0 <= int(stops.min()) and int(stops.max()) < vocab):
@@ -47,6 +50,7 @@ def generate(
         fill = torch.zeros(b, dtype=torch.long, device=out.device)  # the stop token each finished row repeats
         cache = model.new_cache() if use_cache else None
         logits = model(out, cache=cache)[:, -1]
+        in_cache = out.shape[1]
         for step in range(max_new_tokens):
             nxt = _pick(logits.float(), temperature, top_k, top_p, generator)
             nxt = torch.where(done, fill, nxt)
@@ -59,11 +63,24 @@ def generate(
                     break
             if step + 1 == max_new_tokens:
                 break
-            # With a cache only the new token runs; without, the whole sequence does (the slow reference path).
-            logits = (model(nxt[:, None], cache=cache) if use_cache else model(out))[:, -1]
+            logits, in_cache = _next_logits(model, out, cache, in_cache, sliding_window)
     finally:
         model.train(was_training)
     return out
+
+
+def _next_logits(model, out, cache, in_cache: int, sliding_window: bool):
+    """Logits after the newest token of `out`, and how many tokens the cache then holds."""
+    limit = model.cfg.max_seq_len
+    if cache is None:
+        # Without a cache the whole (recent) sequence runs again: the slow reference path.
+        return model(out[:, -limit:] if sliding_window else out)[:, -1], 0
+    if in_cache + 1 > limit:
+        # Restarting from half a context amortises the re-prefill over limit/2 new tokens.
+        cache[:] = model.new_cache()
+        keep = limit // 2
+        return model(out[:, -keep:], cache=cache)[:, -1], keep
+    return model(out[:, -1:], cache=cache)[:, -1], in_cache + 1
 
 
 def _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> torch.Tensor:

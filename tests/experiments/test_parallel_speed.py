@@ -21,9 +21,10 @@ def test_crossing_is_log_interpolated():
 
 
 def test_models_have_matched_parameter_counts():
-    models, width = build_models(ParallelConfig(d_model=64, n_layer=2, lengths=[32]))
+    models, width = build_models(ParallelConfig(d_model=256, n_layer=4, lengths=[32]))
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    assert abs(counts["lstm"] - counts["transformer"]) / counts["transformer"] < 0.03
+    # Widths go in steps of 8, which moves an LSTM of this size by about 2 %: half a step at most.
+    assert abs(counts["lstm"] - counts["transformer"]) / counts["transformer"] < 0.01
     assert models["lstm"].cfg.d_model == width
 
 
