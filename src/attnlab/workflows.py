@@ -156,7 +156,8 @@ def _evaluate(model, task, data: DataConfig, cfg: EvalConfig, device) -> dict:
     if cfg.ensemble <= 1:
         if data.source == "text":
             total = count = 0.0
-            for x, y in task.corpus.eval_windows(cfg.split, task.seq_len, cfg.batch_size, max_batches=cfg.batches):
+            for b in task.eval_batches(cfg.split, cfg.batches):
+                x, y = b["x"], b["y"]
                 _, loss = model(x.to(device), y.to(device))
                 total += loss.item() * x.numel()
                 count += x.numel()

@@ -36,13 +36,12 @@ def test_translation_scores():
 def test_tiny_end_to_end_run(tmp_path):
     torch.set_num_threads(1)
     cfg = TranslateConfig(
-        out=str(tmp_path / "run"), task=NumberTaskConfig(high=999, n_train=120, n_valid=10, n_test=12),
+        out=str(tmp_path / "run"), task=NumberTaskConfig(high=999, n_train=120, n_valid=8, n_test=12),
         model=Seq2SeqConfig(n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=40), bpe_vocab_size=300,
-        steps=6, eval_every=3, save_every=2, average_last=3, warmup=3, max_tokens=256, beam_size=2, lstm_baseline=True)
+        steps=6, eval_every=6, save_every=2, average_last=3, warmup=3, max_tokens=256, beam_size=2, lstm_baseline=True)
     summary = run_experiment("translate", cfg)
     assert set(summary["test"]) == {"greedy", "beam2", "avg3+greedy", "avg3+beam2", "lstm greedy", "lstm beam2"}
-    lstm = summary["lstm_baseline"]
-    assert abs(lstm["params"] - summary["params"]) / summary["params"] < 0.1
+    assert summary["lstm_baseline"]["params"] > 0  # matching itself is tested in tests/models/test_rnn.py
     assert summary["averaged_checkpoints"] == ["step_000002", "step_000004", "step_000006"]
     for row in summary["test"].values():
         assert 0.0 <= row["exact"] <= 100.0 and math.isfinite(row["bleu"])

@@ -112,7 +112,7 @@ def test_metrics_on_text_and_synthetic_tasks(tmp_path):
     lm_model = LM(LMConfig(vocab_size=corpus.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=32,
                            attention=model.cfg.attention))
     task = TextLMTask(corpus, 32, 4)
-    m = ensemble_lm_metrics(lm_model, task, k=3, batches=2, seed=1)
+    m = ensemble_lm_metrics(lm_model, task, k=3, batches=2, seed=1, mode="sample")
     assert m["tokens"] > 0 and math.isfinite(m["loss"]) and m["k"] == 3
     syn = SyntheticTask(SyntheticConfig(kind="induction", vocab_size=16, seq_len=32, eval_batches=2), 4)
     s = ensemble_lm_metrics(model, syn, k=2, seed=1)

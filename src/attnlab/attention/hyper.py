@@ -117,10 +117,15 @@ def attention_lse(q, k, v, *, scale: float, mask: torch.Tensor | None = None, ca
         raise ValueError("attention_lse: causal needs as many queries as keys")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad:
-        if q.device.type == "cpu" and _CPU_FLASH is not None:
-            return _cpu_flash(q, k, v, scale, mask, causal)
-        if q.device.type == "cuda" and _cuda_lse_ok(q.dtype, q.device):
-            return _cuda_efficient(q, k, v, scale, mask, causal)
+        # A fused kernel that refuses these inputs (a dtype, a stride, a mask layout) raises before computing
+        # anything; the math below gives the same result.
+        try:
+            if q.device.type == "cpu" and _CPU_FLASH is not None:
+                return _cpu_flash(q, k, v, scale, mask, causal)
+            if q.device.type == "cuda" and _cuda_lse_ok(q.dtype, q.device):
+                return _cuda_efficient(q, k, v, scale, mask, causal)
+        except RuntimeError:
+            pass
     return _math_lse(q, k, v, scale, mask, causal)
 
 

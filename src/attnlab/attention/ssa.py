@@ -263,7 +263,7 @@ class SSAAttention(Kernel):
             ends = qpos[:, [e - 1 for e in bounds[1:]]].contiguous()
             counts = torch.searchsorted(kpos, ends, right=True).amax(0)
             chunks = [(r0, r1, c) for r0, r1, c in zip(bounds, bounds[1:], counts.tolist())]
-        # split (not slicing) so that backward concatenates the query gradients instead of summing
+        # Split (not slicing) so that backward concatenates the query gradients instead of summing
         # zero-padded full-size copies, one per chunk.
         q_chunks = qa.split([r1 - r0 for r0, r1, _ in chunks], dim=2)
         outs = [_sdpa(qc, ka[:, :, :nk], va[:, :, :nk], visible(r0, r1, nk), scale)

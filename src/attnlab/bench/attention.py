@@ -52,6 +52,7 @@ class BenchConfig:
     threads: int = 0  # torch CPU threads; 0: torch's default
     repeats: int = 1  # timed forwards per point (the best is kept), after one untimed warm-up per variant
     time_limit_s: float = 60.0
+    max_n: dict[str, int] = field(default_factory=dict)  # per variant label: stop after this length
     memory: bool = True
     seed: int = 0
     error_lengths: list[int] = field(default_factory=lambda: [3000, 6000])  # not multiples of a block
@@ -190,7 +191,10 @@ def speed_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
                     continue
                 if mode not in var.skip:
                     predicted = _predict(var.times.get(mode, []), n)
-                    if predicted > cfg.time_limit_s:
+                    if n > cfg.max_n.get(var.label, n):
+                        var.skip[mode] = f"max_n {cfg.max_n[var.label]}"
+                        log(f"  {mode} n={n} {var.label}: stops ({var.skip[mode]})")
+                    elif predicted > cfg.time_limit_s:
                         var.skip[mode] = f"predicted {predicted:.0f} s > {cfg.time_limit_s:.0f} s"
                         log(f"  {mode} n={n} {var.label}: stops ({var.skip[mode]})")
                 if mode in var.skip:
@@ -431,7 +435,8 @@ def bench_attention(cfg: BenchConfig) -> Path:
     parts = [
         "# Attention benchmark",
         f"Forward pass only, no autograd; {shape}. Times are the best of {max(1, cfg.repeats)} after a warm-up; "
-        f"a variant stops at the first n predicted to exceed {cfg.time_limit_s:.0f} s. Rows marked extrapolated "
+        f"a variant stops at the first n predicted to exceed {cfg.time_limit_s:.0f} s"
+        + (f" or past its max_n {cfg.max_n}" if cfg.max_n else "") + ". Rows marked extrapolated "
         "are exact attention at a fitted c·n², not measurements. Peak memory is the tensor memory the call "
         "allocates on top of its inputs (attnlab.bench.memory). rel_err_gaussian = ‖o − o_exact‖/‖o_exact‖ on "
         "the same Gaussian inputs (near-uniform attention: sampling noise dominates, see the spec).",

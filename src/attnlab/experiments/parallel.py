@@ -42,7 +42,9 @@ class ParallelConfig(ExperimentConfig):
     lstm_layers: int = 2  # the LSTM's width is chosen to match the Transformer's parameter count
     tokens_per_batch: int = 4096
     repeats: int = 3
-    threads: int = 1  # torch threads for the sweep (0: torch's default); one thread keeps it immune to idle cores
+    # Torch threads for the sweep (0: torch's default). One thread compares the architectures' work, free of how
+    # well each spreads over cores that other jobs may be using; `reference_threads` measures that separately.
+    threads: int = 1
     reference_length: int = 512  # where the headline ratio is read
     reference_threads: list[int] = field(default_factory=lambda: [2])  # re-measure n=reference_length with these
 

@@ -91,13 +91,16 @@ class TranslateConfig(ExperimentConfig):
     n_test: int = 1000
     bpe_vocab_size: int = 512
     model: Seq2SeqConfig = field(default_factory=lambda: Seq2SeqConfig(
-        n_layer=3, n_head=4, d_model=128, d_ff=512, dropout=0.1, max_seq_len=96))
-    steps: int = 1800
+        n_layer=2, n_head=4, d_model=128, d_ff=512, dropout=0.1, max_seq_len=96))
+    steps: int = 1500
     max_tokens: int = 2048  # padded tokens per side and batch
-    warmup: int = 400
-    lr_factor: float = 1.0  # multiplies the paper's d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)
+    warmup: int = 200
+    # Multiplies the paper's d_model^-0.5 · min(t^-0.5, t · warmup^-1.5). At d_model 128 the formula peaks
+    # higher than at 512, with batches ~12× smaller than the paper's: in trials, factor 1 (warmup 400) stalled
+    # near 65 % exact match and, with 1024-token batches, diverged; 0.5 trains smoothly.
+    lr_factor: float = 0.5
     label_smoothing: float = 0.1
-    eval_every: int = 300
+    eval_every: int = 250
     save_every: int = 60  # checkpoints for averaging
     average_last: int = 5
     beam_size: int = 4
@@ -126,12 +129,10 @@ def load_corpus(cfg: TranslateConfig) -> Splits:
 
 
 def _quick(cfg: TranslateConfig) -> TranslateConfig:
-    task = replace(cfg.task, n_train=min(cfg.task.n_train, 3000), n_valid=min(cfg.task.n_valid, 100),
-                   n_test=min(cfg.task.n_test, 200))
-    return replace(cfg, task=task, steps=min(cfg.steps, 150), eval_every=75, save_every=15, warmup=min(cfg.warmup, 60),
-                   n_valid=min(cfg.n_valid, 100), n_test=min(cfg.n_test, 200),
-                   model=replace(cfg.model, n_layer=min(cfg.model.n_layer, 2), d_model=min(cfg.model.d_model, 64),
-                                 d_ff=min(cfg.model.d_ff or 4 * cfg.model.d_model, 256)))
+    """A few minutes: fewer steps and a smaller test set, same model and data."""
+    task = replace(cfg.task, n_valid=min(cfg.task.n_valid, 100), n_test=min(cfg.task.n_test, 200))
+    return replace(cfg, task=task, steps=min(cfg.steps, 250), eval_every=125, save_every=25,
+                   n_valid=min(cfg.n_valid, 100), n_test=min(cfg.n_test, 200))
 
 
 @experiment("translate", TranslateConfig, "encoder-decoder Transformer on number translation: greedy, beam, averaged")

@@ -145,20 +145,14 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable, *, mode: str | None =
 def task_eval_batches(task, *, split: str = "val", batches: int | None = None):
     """The validation batches a trainer task evaluates on: contiguous windows of a text task's corpus, or a
     synthetic task's fixed evaluation batches."""
-    if hasattr(task, "corpus"):
-        return task.corpus.eval_windows(split, task.seq_len, task.batch_size, max_batches=batches)
-    if hasattr(task, "_make") and hasattr(task, "cfg"):
-        # The same batches SyntheticTask.evaluate draws, so ensemble and single-pass figures compare.
-        from ..training.tasks import _EVAL_SEED_OFFSET
-        from ..training.trainer import batch_generator
-
-        n = task.cfg.eval_batches if batches is None else min(batches, task.cfg.eval_batches)
-        return (task._make(batch_generator(task.seed + _EVAL_SEED_OFFSET, i)) for i in range(n))
+    if hasattr(task, "eval_batches"):
+        return task.eval_batches(split, batches)
     raise UserError(f"cannot find evaluation batches in {type(task).__name__}; pass batches to evaluate_lm")
 
 
 def ensemble_lm_metrics(model: torch.nn.Module, task, *, k: int, split: str = "val", batches: int | None = None,
-                        device=None, mode: str | None = "sample", seed: int | None = None) -> dict:
-    """Self-ensemble metrics of an LM on a trainer task (what `attnlab eval --ensemble K` reports)."""
+                        device=None, mode: str | None = None, seed: int | None = None) -> dict:
+    """Self-ensemble metrics of an LM on a trainer task (what `attnlab eval --ensemble K` reports). mode None
+    keeps the kernels' modes as the caller set them (`attnlab eval` sets "sample" for ensembles)."""
     return evaluate_lm(model, task_eval_batches(task, split=split, batches=batches), mode=mode, k=k, seed=seed,
                        device=device)

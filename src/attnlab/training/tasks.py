@@ -23,7 +23,7 @@ class TextLMTask:
 
     def __init__(self, corpus, seq_len: int, batch_size: int, seed: int = 0, eval_batches: int = 20):
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
-        self.seed, self.eval_batches = seed, eval_batches
+        self.seed, self.eval_batches_count = seed, eval_batches
 
     def batch(self, step, micro, rank, device):
         g = batch_generator(self.seed, step, micro, rank)
@@ -32,10 +32,17 @@ class TextLMTask:
 
     loss = staticmethod(_lm_loss)
 
+    def eval_batches(self, split: str = "val", limit: int | None = None):
+        """Contiguous, non-overlapping windows of `split`: the same ones at every evaluation."""
+        n = self.eval_batches_count if limit is None else limit
+        for x, y in self.corpus.eval_windows(split, self.seq_len, self.batch_size, max_batches=n):
+            yield {"x": x, "y": y}
+
     @torch.no_grad()
     def evaluate(self, model, device):
         total, count = 0.0, 0
-        for x, y in self.corpus.eval_windows("val", self.seq_len, self.batch_size, max_batches=self.eval_batches):
+        for b in self.eval_batches():
+            x, y = b["x"], b["y"]
             _, loss = model(x.to(device), y.to(device))
             total += loss.item() * x.numel()
             count += x.numel()
@@ -72,13 +79,18 @@ class SyntheticTask:
 
     loss = staticmethod(_lm_loss)
 
+    def eval_batches(self, split: str = "val", limit: int | None = None):
+        """Fixed evaluation batches, drawn from seeds that training never uses (`split` is ignored)."""
+        n = self.cfg.eval_batches if limit is None else min(limit, self.cfg.eval_batches)
+        for i in range(n):
+            yield self._make(batch_generator(self.seed + _EVAL_SEED_OFFSET, i))
+
     @torch.no_grad()
     def evaluate(self, model, device):
         correct = scored = 0
         loss_sum = 0.0
-        for i in range(self.cfg.eval_batches):
-            g = batch_generator(self.seed + _EVAL_SEED_OFFSET, i)
-            b = {k: v.to(device) for k, v in self._make(g).items()}
+        for b in self.eval_batches():
+            b = {k: v.to(device) for k, v in b.items()}
             logits, loss = model(b["x"], b["y"], loss_mask=b["loss_mask"])
             m = b["loss_mask"]
             correct += (logits.argmax(-1)[m] == b["y"][m]).sum().item()

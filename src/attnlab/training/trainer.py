@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -126,7 +126,11 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, optim: OptimConf
         start = _restore(model, opt, ckpts[-1], device)
     wrapped = DDP(model) if dist_info.world > 1 else model
     logger = MetricsLogger(out if dist_info.main else None, tensorboard=cfg.tensorboard)
-    config_record = {"run": run_config or {}, "train": asdict(cfg), "optim": asdict(optim)}
+    run_record = dict(run_config or {})
+    if is_dataclass(getattr(model, "cfg", None)):
+        # Enough to rebuild the model from the checkpoint alone (`attnlab eval`, `generate`).
+        run_record.setdefault("model", asdict(model.cfg))
+    config_record = {"run": run_record, "train": asdict(cfg), "optim": asdict(optim)}
     result = TrainResult(steps=start)
     dense_from = cfg.steps - cfg.dense_finetune_steps if cfg.dense_finetune_steps > 0 else None
     tokens_seen, t_train = 0, 0.0
