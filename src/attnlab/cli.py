@@ -71,31 +71,28 @@ def build_parser():
 
     from .experiments.runner import experiments
 
+    def typed(cls, help_):
+        p = ArgumentParser(exit_on_error=False, description=help_)
+        p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
+        p.add_class_arguments(cls, nested_key=None, as_group=False)
+        return p
+
     parser = ArgumentParser(prog="attnlab", description="A lab for Transformers whose attention can be swapped.",
                             exit_on_error=False)
     sub = parser.add_subcommands(dest="command")
     for name, (cls, _, help_) in _commands().items():
-        p = ArgumentParser(exit_on_error=False, description=help_)
-        p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
-        p.add_class_arguments(cls, nested_key=None, as_group=False)
-        sub.add_subcommand(name, p, help=help_)
-    run = ArgumentParser(exit_on_error=False, description="run an experiment: attnlab run NAME --out DIR [--quick]")
+        sub.add_subcommand(name, typed(cls, help_), help=help_)
     # jsonargparse wants a level's subcommand attached before the next level is added under it.
+    run = ArgumentParser(exit_on_error=False, description="run an experiment: attnlab run NAME --out DIR [--quick]")
     sub.add_subcommand("run", run, help="run a paper-claim experiment; writes summary.json, report.md and plots")
     run_sub = run.add_subcommands(dest="experiment")
     for name, exp in sorted(experiments().items()):
-        p = ArgumentParser(exit_on_error=False, description=exp.help)
-        p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
-        p.add_class_arguments(exp.config_cls, nested_key=None, as_group=False)
-        run_sub.add_subcommand(name, p, help=exp.help)
+        run_sub.add_subcommand(name, typed(exp.config_cls, exp.help), help=exp.help)
     bench = ArgumentParser(exit_on_error=False, description="benchmarks: attnlab bench NAME --out DIR")
     sub.add_subcommand("bench", bench, help="benchmarks (speed, memory, error) written to --out")
     bench_sub = bench.add_subcommands(dest="bench")
     for name, (cls, _, help_) in _bench_commands().items():
-        p = ArgumentParser(exit_on_error=False, description=help_)
-        p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (see --print_config)")
-        p.add_class_arguments(cls, nested_key=None, as_group=False)
-        bench_sub.add_subcommand(name, p, help=help_)
+        bench_sub.add_subcommand(name, typed(cls, help_), help=help_)
     return parser
 
 

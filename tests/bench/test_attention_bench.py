@@ -59,3 +59,26 @@ def test_captured_qkv_are_what_the_kernel_sees():
     (q, k, v), causal = capture_qkv(model, torch.randint(0, 256, (1, 40)), layer=-1)
     assert causal and q.shape == (1, 2, 40, 8)
     torch.testing.assert_close(exact_attention(q, k, v, causal=True), seen["out"])
+
+
+def test_error_study_reads_q_k_v_from_a_saved_checkpoint(tmp_path):
+    from dataclasses import asdict
+
+    from attnlab.bench.attention import captured_from_checkpoint, error_rows
+    from attnlab.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    mcfg = LMConfig(n_layer=2, n_head=2, d_model=16, max_seq_len=64)
+    model = LM(mcfg)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    save_checkpoint(tmp_path / "run", 1, model, {"run": {"model": asdict(mcfg), "data": {"path": str(text)}}})
+    cfg = BenchConfig(checkpoint=str(tmp_path / "run"), capture_len=150, error_lengths=[], mechanisms=["hyper"],
+                      prescore=["norm"], **{k: v for k, v in TINY.items() if k not in ("error_lengths",)})
+    q, k, v, causal, what = captured_from_checkpoint(cfg, torch.device("cpu"))
+    assert q.shape == (1, 2, 150, 8) and causal and "150 tokens of t.txt" in what
+    rows = error_rows(cfg, torch.device("cpu"), torch.float32)
+    assert {r["variant"] for r in rows} == {"hyper", "hyper zero-pad", "hyper+norm"}
+    assert all(r["source"].startswith("trained LM") for r in rows)
+    zp = next(r for r in rows if r["variant"] == "hyper zero-pad" and r["mode"] == "causal")
+    assert 0 < zp["padded_rows_share"] < 1  # 150 is not a multiple of the block: some rows see padding

@@ -287,7 +287,7 @@ def captured_from_checkpoint(cfg: BenchConfig, device):
     x, _ = next(corpus.eval_windows(split, n, 1))
     model.to(device).eval()
     (q, k, v), causal = capture_qkv(model, x.to(device), cfg.capture_layer)
-    return q, k, v, causal, f"{Path(cfg.checkpoint).name} layer {cfg.capture_layer}, {n} tokens of {Path(path).name}"
+    return q, k, v, causal, f"{cfg.checkpoint} layer {cfg.capture_layer}, {n} tokens of {Path(path).name}"
 
 
 def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None = None) -> list[dict]:

@@ -16,35 +16,38 @@ from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 
 @dataclass
 class CompareConfig(ExperimentConfig):
-    task: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(kind="induction", vocab_size=64, seq_len=128))
+    task: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(kind="induction", vocab_size=32, seq_len=64))
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
     batch_size: int = 32
-    steps: int = 1000
+    steps: int = 600
     eval_every: int = 100
     lr: float = 3e-3
     target_accuracy: float = 0.99  # early stop
     # Options per mechanism, chosen so that approximate mechanisms actually approximate at this length.
     options: dict[str, dict] = field(default_factory=lambda: {
         "ssa": {"factor": 2},
-        "hyper": {"min_seq_len": 32, "block_size": 16, "sample_size": 16},
+        "hyper": {"min_seq_len": 16, "block_size": 8, "sample_size": 8},
     })
     mechanisms: list[str] = field(default_factory=list)  # empty: every registered one
+    transforms: bool = True  # also run every kernel with every registered key/value transform
 
 
 def variants(cfg: CompareConfig) -> list[tuple[str, AttentionSpec]]:
+    """Every kernel alone, then every kernel with every transform: transforms compose with any kernel."""
     names = cfg.mechanisms or sorted(kernels())
-    out = [(n, AttentionSpec(name=n, options=dict(cfg.options.get(n, {})))) for n in names]
-    out += [(f"exact+{t}", AttentionSpec(transform=t, transform_options=dict(cfg.options.get(t, {}))))
-            for t in sorted(transforms()) if not cfg.mechanisms]
-    return out
+    tfs = ["none"] + (sorted(transforms()) if cfg.transforms else [])
+    return [(n if t == "none" else f"{n}+{t}",
+             AttentionSpec(name=n, options=dict(cfg.options.get(n, {})), transform=t,
+                           transform_options=dict(cfg.options.get(t, {}))))
+            for t in tfs for n in names]
 
 
 @experiment("compare", CompareConfig, "train one small model per attention mechanism on the induction task")
 def run(cfg: CompareConfig, ctx) -> dict:
     if cfg.quick:
-        cfg = replace(cfg, steps=min(cfg.steps, 120), eval_every=40)
+        cfg = replace(cfg, steps=min(cfg.steps, 100), eval_every=50)
     rows, curves = [], {}
     for label, spec in variants(cfg):
         torch.manual_seed(cfg.seed)

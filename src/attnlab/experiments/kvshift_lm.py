@@ -147,8 +147,11 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
         mine = [r for r in runs if r["variant"] == variant]
         mean, std = _mean_std([r["val_loss"] for r in mine])
         dmean, dstd = _mean_std([r["val_loss"] - vanilla[r["seed"]] for r in mine])
-        table.append({"variant": variant, "seeds": len(mine), "val_loss": f"{mean:.4f} ± {std:.4f}",
-                      "vs_vanilla": f"{dmean:+.4f} ± {dstd:.4f}", "params": mine[0]["params"],
+        spread = len(mine) > 1  # one seed has no spread to show
+        table.append({"variant": variant, "seeds": len(mine),
+                      "val_loss": f"{mean:.4f} ± {std:.4f}" if spread else f"{mean:.4f}",
+                      "vs_vanilla": f"{dmean:+.4f} ± {dstd:.4f}" if spread else f"{dmean:+.4f}",
+                      "params": mine[0]["params"],
                       "wins": sum(r["val_loss"] < vanilla[r["seed"]] for r in mine) if variant != "vanilla" else "",
                       "mean": mean, "std": std, "delta_mean": dmean, "delta_std": dstd})
 
