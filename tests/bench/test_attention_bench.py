@@ -32,10 +32,14 @@ def test_variants_cover_the_registry_and_keep_an_equal_key_budget():
     assert "hyper zero-pad" in {v.label for v in variants(cfg, error_study=True)}
     with pytest.raises(UserError):
         variants(BenchConfig(mechanisms=["nope"]))
+    extra = variants(BenchConfig(**TINY, extra={"hyper small": {"name": "hyper", "block_size": 8}}))
+    assert [(v.name, v.options) for v in extra if v.label == "hyper small"] == [("hyper", {"block_size": 8})]
+    with pytest.raises(UserError):
+        variants(BenchConfig(extra={"x": {"block_size": 8}}))
 
 
 def test_bench_writes_every_mechanism_with_errors_against_exact(tmp_path):
-    out = bench_attention(BenchConfig(out=str(tmp_path / "b"), lengths=[96, 160], time_limit_s=30, **TINY))
+    out = bench_attention(BenchConfig(out=str(tmp_path / "b"), lengths=[96, 160], time_limit_s=30, clock="cpu", **TINY))
     rows = list(csv.DictReader(open(out / "speed.csv")))
     assert {r["variant"] for r in rows} >= set(kernels())
     for r in rows:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.data import FILLER, SyntheticTask, induction_batch, mqar_batch, mqar_gap_probs
+from attnlab.data import FILLER, induction_batch, mqar_batch, mqar_gap_probs
 from attnlab.errors import UserError
 
 
@@ -139,14 +139,3 @@ def test_mqar_errors():
     with pytest.raises(UserError, match="num_kv_pairs"):
         mqar_batch(2, 64, 64, 0, gen(0))
     mqar_batch(2, 32, 18, 8, gen(0))  # the smallest sizes those messages ask for do work
-
-
-def test_synthetic_task_config():
-    task = SyntheticTask("mqar", seq_len=32, vocab_size=64, num_kv_pairs=4)
-    b = task.batch(3, gen(1))
-    ref = mqar_batch(3, 32, 64, 4, gen(1))
-    assert all(torch.equal(b[k], ref[k]) for k in b)
-    b = SyntheticTask("induction", seq_len=32, vocab_size=64).batch(3, gen(1))
-    assert all(torch.equal(b[k], v) for k, v in induction_batch(3, 32, 64, gen(1)).items())
-    with pytest.raises(UserError, match="unknown synthetic task"):
-        SyntheticTask("copy").batch(1, gen(0))

@@ -31,3 +31,12 @@ def test_longctx_cli_writes_perplexities_gap_shares_and_errors(tmp_path):
     report = (out / "report.md").read_text()
     assert "e-based" in report and (out / "perplexity.png").stat().st_size > 0
     assert (out / "train" / "checkpoints").is_dir()
+    # The trained model can be evaluated again without training.
+    again = tmp_path / "again"
+    rc = main(["run", "longctx", "--data", str(text), "--out", str(again), "--checkpoint", str(out / "train"),
+               "--context", "160", "--eval_windows", "2", "--error_seeds", "1", "--prescore", '["norm"]',
+               "--layers", '["all"]', "--hyper", '{"block_size": 16, "sample_size": 16, "min_seq_len": 32}'])
+    assert rc == 0
+    s2 = json.loads((again / "summary.json").read_text())
+    assert s2["train_steps"] == 0 and abs(s2["ppl_exact"] - summary["ppl_exact"]) < 1e-6
+    assert {g["method"] for g in s2["gap_recovered"]} <= {"norm"}

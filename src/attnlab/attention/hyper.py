@@ -12,13 +12,15 @@ Non-causal (every query against every key, `_rect`):
 3. Pre-scoring (`prescore`): the `top_k` highest-scoring keys (`attention.prescore`) join the residual with
    weight 1, i.e. they are attended exactly (again minus the query's own block); the uniform sample is then
    drawn from the other keys only, weighted (n - top_k)/sample_size.
-All pieces cover disjoint key sets and are merged exactly through their log-sum-exp (`attention.merge`).
+The pieces cover disjoint key sets. A query's own block and its residual keys go through one softmax in which
+each residual key carries log(weight) as an additive bias: the exact log-sum-exp merge of the parts, fused
+into one kernel call (faster than separate calls merged afterwards, which `attention.merge` would do).
 
 Causal: exact below `min_seq_len`; above it the sequence splits in halves, the two diagonal halves recurse,
 and the lower-left rectangle (second-half queries, first-half keys) is the non-causal algorithm, merged into
-the second half. So pre-scoring only acts where the kernel approximates. Fewer queries than keys (a KV
-cache) are the newest positions: the older keys form one more non-causal rectangle; a decoding step (at most
-`block_size` queries) is exact.
+the second half through the log-sum-exp (`attention.merge`). So pre-scoring only acts where the kernel
+approximates. Fewer queries than keys (a KV cache) are the newest positions: the older keys form one more
+non-causal rectangle; a decoding step (at most `block_size` queries) is exact.
 
 Grouped-query attention: keys are hashed, sorted and scored once per kv head; the query heads sharing them
 are stacked into the same blocks. Masks: a key-padding mask sorts masked keys last and masks them; a general
@@ -105,28 +107,35 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _CUDA_LSE_OK: dict[torch.dtype, bool] = {}
 
 
-def attention_lse(q, k, v, *, scale: float, mask: torch.Tensor | None = None, causal: bool = False):
-    """softmax(q kᵀ·scale) v and its log-sum-exp for equal-shaped 4-D batches ([B, H, N, D]).
+def attention_lse(q, k, v, *, scale: float, mask: torch.Tensor | None = None, causal: bool = False,
+                  bias: torch.Tensor | None = None):
+    """softmax(q kᵀ·scale + bias) v and its log-sum-exp for equal-shaped 4-D batches ([B, H, N, D]).
 
-    mask: bool, True = attend, broadcastable to [B, H, Nq, Nk]; causal (top-left, square only).
-    Rows with no visible key give o = 0 and lse = -inf. lse is float32 (float64 for float64 input).
-    Without gradients this is one fused SDPA kernel (CPU flash, or CUDA memory-efficient attention once a
-    self-check on this dtype passes); with gradients it is differentiable math.
+    mask: bool, True = attend; bias: float, added to the scores (-inf hides a key; log w weights it by w);
+    both broadcastable to [B, H, Nq, Nk]. causal: top-left, square only. Rows with no visible key give o = 0
+    and lse = -inf. lse is float32 (float64 for float64 input).
+    Without gradients this is one fused SDPA kernel (CPU flash; CUDA memory-efficient attention once a
+    self-check on this dtype passes, masks only); with gradients it is differentiable math.
     """
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError("attention_lse: causal needs as many queries as keys")
+    if mask is not None:
+        hide = _bias(mask, _lse_dtype(q))
+        bias = hide if bias is None else bias + hide
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad:
         # A fused kernel that refuses these inputs (a dtype, a stride, a mask layout) raises before computing
         # anything; the math below gives the same result.
         try:
             if q.device.type == "cpu" and _CPU_FLASH is not None:
-                return _cpu_flash(q, k, v, scale, mask, causal)
-            if q.device.type == "cuda" and _cuda_lse_ok(q.dtype, q.device):
-                return _cuda_efficient(q, k, v, scale, mask, causal)
+                return _cpu_flash(q, k, v, scale, bias, causal)
+            # The CUDA kernel takes the bias in q's dtype: fine for 0/-inf, not for weights in bf16.
+            masks_only = bias is None or bool(((bias == 0) | torch.isneginf(bias)).all())
+            if q.device.type == "cuda" and masks_only and _cuda_lse_ok(q.dtype, q.device):
+                return _cuda_efficient(q, k, v, scale, bias, causal)
         except RuntimeError:
             pass
-    return _math_lse(q, k, v, scale, mask, causal)
+    return _math_lse(q, k, v, scale, bias, causal)
 
 
 def _lse_dtype(q):
@@ -137,27 +146,26 @@ def _bias(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _fix_empty(o, lse, mask):
-    """Fused kernels return lse = 0 for a row whose keys are all masked; the merge needs -inf there."""
-    if mask is None:
+def _fix_empty(o, lse, bias):
+    """Fused kernels return lse = 0 for a row whose keys are all hidden; the merge needs -inf there."""
+    if bias is None:
         return o, lse
-    empty = ~mask.any(-1)
+    empty = torch.isneginf(bias).all(-1)
     if not bool(empty.any()):
         return o, lse
     empty = empty.expand(lse.shape)
     return o.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
 
 
-def _cpu_flash(q, k, v, scale, mask, causal):
-    bias = None if mask is None else _bias(mask, _lse_dtype(q))
+def _cpu_flash(q, k, v, scale, bias, causal):
     o, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
-    return _fix_empty(o, lse.to(_lse_dtype(q)), mask)
+    return _fix_empty(o, lse.to(_lse_dtype(q)), bias)
 
 
-def _cuda_efficient(q, k, v, scale, mask, causal):
-    bias = None if mask is None else _bias(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
-    return _fix_empty(out[0], out[1][..., : q.shape[2]].float(), mask)
+def _cuda_efficient(q, k, v, scale, bias, causal):
+    full = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, full, True, 0.0, causal, scale=scale)
+    return _fix_empty(out[0], out[1][..., : q.shape[2]].float(), bias)
 
 
 def _cuda_lse_ok(dtype, device) -> bool:
@@ -168,8 +176,9 @@ def _cuda_lse_ok(dtype, device) -> bool:
             g = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(2, 3, n, 64, generator=g, device=device).to(dtype) for n in (40, 72, 72))
             mask = torch.rand(2, 1, 40, 72, generator=g, device=device) > 0.3
-            o1, l1 = _cuda_efficient(q, k, v, 0.125, mask, False)
-            o2, l2 = _math_lse(q, k, v, 0.125, mask, False)
+            bias = _bias(mask, torch.float32)
+            o1, l1 = _cuda_efficient(q, k, v, 0.125, bias, False)
+            o2, l2 = _math_lse(q, k, v, 0.125, bias, False)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             ok = bool((o1.float() - o2.float()).abs().max() < tol and (l1 - l2).abs().max() < tol)
         except (RuntimeError, TypeError, AttributeError):
@@ -178,13 +187,13 @@ def _cuda_lse_ok(dtype, device) -> bool:
     return _CUDA_LSE_OK[dtype]
 
 
-def _math_lse(q, k, v, scale, mask, causal):
+def _math_lse(q, k, v, scale, bias, causal):
     s = torch.matmul(q, k.transpose(-1, -2)).to(_lse_dtype(q)) * scale
+    if bias is not None:
+        s = s + bias
     if causal:
         tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        mask = tri if mask is None else (mask & tri)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s = s.masked_fill(~tri, float("-inf"))
     # A max-shift and a guarded log keep empty rows at lse = -inf with finite gradients (no inf - inf).
     top = s.amax(-1, keepdim=True).detach()
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -240,17 +249,17 @@ def hyper_attention(q, k, v, cfg: HyperConfig, *, causal=False, mask=None, scale
         out = (q.new_empty(b, hq, nq, d), torch.empty(b, hq, nq, dtype=_lse_dtype(q), device=q.device))
     pieces = []
     for b0 in range(0, b, seqs):
-        bs = slice(b0, min(b, b0 + seqs))
+        sb = slice(b0, min(b, b0 + seqs))
         row = []
         for h0 in range(0, hkv, heads):
             h1 = min(hkv, h0 + heads)
             qh, kh = slice(h0 * g, h1 * g), slice(h0, h1)
             m = None
             if mask is not None:
-                m = mask[bs] if mask.shape[0] > 1 else mask
+                m = mask[sb] if mask.shape[0] > 1 else mask
                 m = m[:, qh] if m.shape[1] > 1 else m
-            dst = None if out is None else (out[0][bs, qh], out[1][bs, qh])
-            row.append(_run(q[bs, qh], k[bs, kh], v[bs, kh], m, causal, ctx, dst))
+            dst = None if out is None else (out[0][sb, qh], out[1][sb, qh])
+            row.append(_run(q[sb, qh], k[sb, kh], v[sb, kh], m, causal, ctx, dst))
         pieces.append(row)
     if out is not None:
         return out
@@ -423,7 +432,9 @@ def _rect(q, k, v, mask, ctx):
         if not cfg.zero_pad:
             pair = pair & ~is_pad.reshape(b * hkv, nb, 1, bs)
         blk_mask = pair if blk_mask is None else (blk_mask & pair)
-    acc = attention_lse(qb, ks.view(b * hkv, nb, bs, d), vs.view(b * hkv, nb, bs, d), scale=ctx.scale, mask=blk_mask)
+    keys, values = [ks.view(b * hkv, nb, bs, d)], [vs.view(b * hkv, nb, bs, d)]
+    wide = _lse_dtype(q)
+    biases = [torch.zeros(1, 1, 1, bs, dtype=wide, device=dev) if blk_mask is None else _bias(blk_mask, wide)]
 
     # Residual: exact pre-scored keys (weight 1) and a uniform sample of the others (weight n_rest / m).
     picks = []
@@ -453,10 +464,17 @@ def _rect(q, k, v, mask, ctx):
             hi = torch.arange(hq, device=dev).view(1, hq, 1, 1)
             cols = idx.repeat_interleave(g, dim=1).view(b, hq, 1, s)
             ok = ok & to_blocks(full[bi, hi, q_perm_p.view(b, hq, nq_pad, 1), cols])
-        kp = _gather_rows(k, idx).view(b * hkv, 1, s, d).expand(b * hkv, nb, s, d)
-        vp = _gather_rows(v, idx).view(b * hkv, 1, s, d).expand(b * hkv, nb, s, d)
-        o_p, lse_p = attention_lse(qb, kp, vp, scale=ctx.scale, mask=ok)
-        acc = _merge(acc, (o_p, lse_p + log_w), ctx)
+        keys.append(_gather_rows(k, idx).view(b * hkv, 1, s, d).expand(b * hkv, nb, s, d))
+        values.append(_gather_rows(v, idx).view(b * hkv, 1, s, d).expand(b * hkv, nb, s, d))
+        biases.append(torch.full(ok.shape, log_w, dtype=wide, device=dev).masked_fill_(~ok, float("-inf")))
+    # One softmax over [own block ; residual keys], the residual weighted through the bias: the log-sum-exp
+    # merge of the parts, fused into a single kernel call (longer key rows also run faster than two calls).
+    rows = max(x.shape[2] for x in biases)
+    bias = torch.cat([x.expand(b * hkv, nb, rows, x.shape[-1]) for x in biases], dim=-1) if len(biases) > 1 else None
+    if bias is None and blk_mask is not None:
+        bias = biases[0]
+    acc = attention_lse(qb, torch.cat(keys, dim=2) if len(keys) > 1 else keys[0],
+                        torch.cat(values, dim=2) if len(values) > 1 else values[0], scale=ctx.scale, bias=bias)
 
     o, lse = from_blocks(acc[0]), from_blocks(acc[1])
     # Un-sort the query rows.

@@ -139,13 +139,13 @@ class KVShift(Transform):
 
 
 def _lag_weight(coef, allowed, j, dtype):
-    """Weight of lag j per target, broadcastable to [B, H, N, D]: [H, 1, 1], or [B, H, N, 1] with resets."""
-    c = coef[:, j].to(dtype)[:, None, None]
-    return c if allowed is None else allowed[j - 1][:, None, :, None].to(dtype) * c
+    """Weight of lag j per target, broadcastable to [B, N, H, D]: [H, 1], or [B, N, H, 1] with resets."""
+    c = coef[:, j].to(dtype)[:, None]
+    return c if allowed is None else allowed[j - 1][:, :, None, None].to(dtype) * c
 
 
 def _rows(t, lo, hi):
-    return t if t.shape[-2] == 1 else t[..., lo:hi, :]
+    return t if t.dim() == 2 else t[:, lo:hi]
 
 
 def _lag_spans(n, o, j):
@@ -158,50 +158,57 @@ class _ShiftFn(torch.autograd.Function):
 
     Hand-written so that each lag costs one fused multiply-add over the sequence in either direction and no
     padded copy is made: the transform is memory-bound, so its overhead is the number of passes over k and v.
+    Inputs are [B, H, N, D] views of projections laid out [B, N, H, D]; the work runs in that memory order
+    (sequence as dim 1), where every pass is a plain contiguous sweep.
     """
 
     @staticmethod
     def forward(ctx, x, coef, prev, allowed, w):
-        n, o = x.shape[2], 0 if prev is None else prev.shape[2]
-        out = x * coef[:, 0].to(x.dtype)[:, None, None]
+        xs = x.transpose(1, 2)
+        ps = None if prev is None else prev.transpose(1, 2)
+        n, o = xs.shape[1], 0 if ps is None else ps.shape[1]
+        out = xs * coef[:, 0].to(x.dtype)[:, None]
         for j in range(1, w + 1):
             wj = _lag_weight(coef, allowed, j, x.dtype)
             lo_x, lo_p, hi_p = _lag_spans(n, o, j)
             if n > lo_x:
-                out[:, :, lo_x:].addcmul_(x[:, :, : n - j], _rows(wj, lo_x, n))
-            if prev is not None and lo_p < hi_p:
-                out[:, :, lo_p:hi_p].addcmul_(prev[:, :, o + lo_p - j: o + hi_p - j], _rows(wj, lo_p, hi_p))
+                out[:, lo_x:].addcmul_(xs[:, : n - j], _rows(wj, lo_x, n))
+            if ps is not None and lo_p < hi_p:
+                out[:, lo_p:hi_p].addcmul_(ps[:, o + lo_p - j: o + hi_p - j], _rows(wj, lo_p, hi_p))
         ctx.save_for_backward(x, coef, prev, allowed)
         ctx.w = w
-        return out
+        return out.transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, coef, prev, allowed = ctx.saved_tensors
-        w, n, o = ctx.w, x.shape[2], 0 if prev is None else prev.shape[2]
+        xs, gs = x.transpose(1, 2), g.transpose(1, 2)
+        ps = None if prev is None else prev.transpose(1, 2)
+        w, n, o = ctx.w, xs.shape[1], 0 if ps is None else ps.shape[1]
         need_x, need_c, need_p = ctx.needs_input_grad[:3]
-        gx = g * coef[:, 0].to(g.dtype)[:, None, None] if need_x else None
-        gp = torch.zeros_like(prev) if need_p else None
+        gx = gs * coef[:, 0].to(g.dtype)[:, None] if need_x else None
+        gp = torch.zeros_like(ps) if need_p else None
         acc = torch.promote_types(g.dtype, torch.float32)  # sums over B·N·D terms: never in half precision
         gc = torch.zeros_like(coef, dtype=acc) if need_c else None
         if need_c:
-            gc[:, 0] = (g * x).sum(dim=(0, 2, 3), dtype=acc)
+            gc[:, 0] = (gs * xs).sum(dim=(0, 1, 3), dtype=acc)
         for j in range(1, w + 1):
             wj = _lag_weight(coef, allowed, j, g.dtype)
             lo_x, lo_p, hi_p = _lag_spans(n, o, j)
-            spans = [(x, lo_x, n, n > lo_x, gx, need_x)]
-            if prev is not None:
-                spans.append((prev, lo_p, hi_p, lo_p < hi_p, gp, need_p))
-            for src, lo, hi, nonempty, gsrc, need_src in spans:
+            spans = [(xs, lo_x, n, n > lo_x, gx, need_x, lo_x - j)]
+            if ps is not None:
+                spans.append((ps, lo_p, hi_p, lo_p < hi_p, gp, need_p, o + lo_p - j))
+            for src, lo, hi, nonempty, gsrc, need_src, s_lo in spans:
                 if not nonempty:
                     continue
-                s_lo, s_hi = (lo - j, hi - j) if src is x else (o + lo - j, o + hi - j)
+                s_hi = s_lo + hi - lo
                 if need_src:
-                    gsrc[:, :, s_lo:s_hi].addcmul_(g[:, :, lo:hi], _rows(wj, lo, hi))
+                    gsrc[:, s_lo:s_hi].addcmul_(gs[:, lo:hi], _rows(wj, lo, hi))
                 if need_c:
-                    prod = g[:, :, lo:hi] * src[:, :, s_lo:s_hi]
+                    prod = gs[:, lo:hi] * src[:, s_lo:s_hi]
                     if allowed is not None:
-                        prod = prod * allowed[j - 1, :, None, lo:hi, None].to(prod.dtype)
-                    gc[:, j] += prod.sum(dim=(0, 2, 3), dtype=acc)
-        return gx, None if gc is None else gc.to(coef.dtype), gp, None, None
+                        prod = prod * allowed[j - 1, :, lo:hi, None, None].to(prod.dtype)
+                    gc[:, j] += prod.sum(dim=(0, 1, 3), dtype=acc)
+        t = lambda a: None if a is None else a.transpose(1, 2)  # noqa: E731
+        return t(gx), None if gc is None else gc.to(coef.dtype), t(gp), None, None

@@ -19,9 +19,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import UserError
@@ -289,6 +288,3 @@ def select_layers(spec: str, n_layer: int) -> list[int]:
     if bad:
         raise UserError(f"layer selection {spec!r} names layers {bad} but the model has {n_layer} (0..{n_layer - 1})")
     return out
-
-
-Factory = Callable[..., Kernel]

@@ -51,6 +51,9 @@ class BenchConfig:
     dtype: str = "float32"  # float32 | bfloat16
     threads: int = 0  # torch CPU threads; 0: torch's default
     repeats: int = 1  # timed forwards per point (the best is kept), after one untimed warm-up per variant
+    clock: str = "wall"  # wall | cpu: CPU time of this process (CPU only; with threads=1 it is the wall time an
+    #                      idle machine would show, and it does not count time other jobs hold the cores)
+    extra: dict[str, dict] = field(default_factory=dict)  # more variants: label -> {"name": kernel, **options}
     time_limit_s: float = 60.0
     max_n: dict[str, int] = field(default_factory=dict)  # per variant label: stop after this length
     memory: bool = True
@@ -104,6 +107,13 @@ def variants(cfg: BenchConfig, *, error_study: bool = False) -> list[Variant]:
         top_k = min(cfg.prescore_top_k or max(1, budget // 2), budget)
         for m in cfg.prescore:
             out.append(Variant(f"hyper+{m}", name, {**opts, "prescore": m, "top_k": top_k, "sample_size": budget - top_k}))
+    if not error_study:
+        for label, spec in cfg.extra.items():
+            spec = dict(spec)
+            name = spec.pop("name", None)
+            if name not in registry:
+                raise UserError(f"extra variant {label!r} needs a registered 'name', got {name!r}")
+            out.append(Variant(label, name, spec))
     return out
 
 
@@ -138,14 +148,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, repeats, device):
+def _timed(fn, repeats, device, clock="wall"):
+    now = time.process_time if clock == "cpu" else time.perf_counter
     best, out = math.inf, None
     for _ in range(max(1, repeats)):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return best, out
 
 
@@ -206,7 +217,7 @@ def speed_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
                 kern = _kernel(var)
                 try:
                     with torch.no_grad():
-                        t, o = _timed(lambda: kern(q, k, v, causal=causal), cfg.repeats, device)
+                        t, o = _timed(lambda: kern(q, k, v, causal=causal), cfg.repeats, device, cfg.clock)
                         mem = None
                         if cfg.memory:
                             _, mem = peak_memory(lambda: kern(q, k, v, causal=causal), device)
@@ -304,31 +315,38 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
         for mode in cfg.modes:
             causal = mode == "causal"
             with torch.no_grad():
-                ref = _kernel(Variant("exact", "exact", {}))(q, k, v, causal=causal)
-                masked = {}  # seed -> plain hyper output, to pair with the zero-padding variant
+                ref, ref_lse = _kernel(Variant("exact", "exact", {}))(q, k, v, causal=causal, return_lse=True)
+                masked = {}  # seed -> plain hyper (o, lse), to pair with the zero-padding variant
                 for var in variants(cfg, error_study=True):
                     if var.name == "exact" or not _supports(var, mode):
                         continue
                     errs, padded = [], []
                     for s in range(cfg.error_seeds):
                         torch.manual_seed(cfg.seed + s)
-                        o = _kernel(var, seed=cfg.seed + s)(q, k, v, causal=causal)
+                        kern = _kernel(var, seed=cfg.seed + s)
+                        if var.name == "hyper":
+                            o, lse = kern(q, k, v, causal=causal, return_lse=True)
+                        else:
+                            o, lse = kern(q, k, v, causal=causal), None
                         errs.append(rel_error(o, ref))
                         if var.label == "hyper":
-                            masked[s] = o
+                            masked[s] = (o, lse)
                         elif var.label == "hyper zero-pad" and s in masked:
-                            padded.append(_padded_rows_errors(masked[s], o, ref))
+                            padded.append(_padded_rows_errors(masked[s], (o, lse), (ref, ref_lse)))
                     row = {"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
                            **_mean_std("rel_err", errs), "seeds": len(errs)}
                     if padded:
                         # Same seed, same draws: the outputs differ exactly on the queries whose block had padding.
-                        row["padded_rows_share"] = sum(p[0] for p in padded) / len(padded)
-                        row["rel_err_padded_rows_masked"] = sum(p[1] for p in padded) / len(padded)
-                        row["rel_err_padded_rows_zero_pad"] = sum(p[2] for p in padded) / len(padded)
+                        for i, key in enumerate(("padded_rows_share", "rel_err_padded_rows_masked",
+                                                 "rel_err_padded_rows_zero_pad", "lse_err_padded_rows_masked",
+                                                 "lse_err_padded_rows_zero_pad")):
+                            row[key] = sum(p[i] for p in padded) / len(padded)
                     rows.append(row)
                     log(f"  {label} {mode} {var.label}: rel err {row['rel_err_mean']:.4g} ± {row['rel_err_std']:.2g}"
-                        + (f"; on the padded blocks' rows: masked {row['rel_err_padded_rows_masked']:.4g}, zero-pad "
-                           f"{row['rel_err_padded_rows_zero_pad']:.4g}" if padded else ""))
+                        + (f"; rows with padding: rel err masked {row['rel_err_padded_rows_masked']:.4g} / zero-pad "
+                           f"{row['rel_err_padded_rows_zero_pad']:.4g}, |lse err| masked "
+                           f"{row['lse_err_padded_rows_masked']:.4g} / zero-pad {row['lse_err_padded_rows_zero_pad']:.4g}"
+                           if padded else ""))
     return rows
 
 
@@ -337,12 +355,16 @@ def _mean_std(name, xs):
     return {f"{name}_mean": mean, f"{name}_std": math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))}
 
 
-def _padded_rows_errors(o_mask, o_zero, ref):
-    """(share of query rows touched by padding, rel. error of the masked and of the zero-padded output there)."""
-    hit = (o_mask != o_zero).any(-1)
+def _padded_rows_errors(masked, zero, exact):
+    """On the query rows touched by padding (where the two designs differ): their share, the relative output
+    error of the masked and of the zero-padded design, and the mean |lse − lse_exact| of each."""
+    (o_m, l_m), (o_z, l_z), (ref, ref_lse) = masked, zero, exact
+    hit = (o_m != o_z).any(-1)
     if not bool(hit.any()):
-        return 0.0, 0.0, 0.0
-    return float(hit.float().mean()), rel_error(o_mask[hit], ref[hit]), rel_error(o_zero[hit], ref[hit])
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    lse_err = lambda lse: float((lse[hit].double() - ref_lse[hit].double()).abs().mean())  # noqa: E731
+    return (float(hit.float().mean()), rel_error(o_m[hit], ref[hit]), rel_error(o_z[hit], ref[hit]),
+            lse_err(l_m), lse_err(l_z))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -419,6 +441,8 @@ def bench_attention(cfg: BenchConfig) -> Path:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda was asked for but no CUDA GPU is available")
     dtype = _dtype(cfg.dtype)
+    if cfg.clock not in ("wall", "cpu") or (cfg.clock == "cpu" and device.type != "cpu"):
+        raise UserError("clock must be wall, or cpu on a CPU device")
     if not cfg.lengths or min(cfg.lengths) < 1:
         raise UserError("lengths must be positive")
     t0 = time.time()
@@ -434,7 +458,8 @@ def bench_attention(cfg: BenchConfig) -> Path:
              f"{cfg.dtype}, {device}, {torch.get_num_threads()} threads")
     parts = [
         "# Attention benchmark",
-        f"Forward pass only, no autograd; {shape}. Times are the best of {max(1, cfg.repeats)} after a warm-up; "
+        f"Forward pass only, no autograd; {shape}. Times ({'CPU time of the process' if cfg.clock == 'cpu' else 'wall clock'}) "
+        f"are the best of {max(1, cfg.repeats)} after a warm-up; "
         f"a variant stops at the first n predicted to exceed {cfg.time_limit_s:.0f} s"
         + (f" or past its max_n {cfg.max_n}" if cfg.max_n else "") + ". Rows marked extrapolated "
         "are exact attention at a fitted c·n², not measurements. Peak memory is the tensor memory the call "
@@ -450,10 +475,12 @@ def bench_attention(cfg: BenchConfig) -> Path:
         parts += ["## Error at equal sizes",
                   f"Relative error against exact attention, mean ± std over {cfg.error_seeds} seeds. Variants: "
                   + "; ".join(f"{v.label} = {v.name} {json.dumps(v.options)}" for v in ev if v.name != "exact"),
-                  "For the zero-padding variant (same seeds, so the same draws) the last three columns restrict "
-                  "both to the query rows whose block held padding: the only rows where the designs differ.",
+                  "For the zero-padding variant (same seeds, so the same draws) the last columns restrict both "
+                  "designs to the query rows whose block held padding, the only rows where they differ: relative "
+                  "output error, and mean |lse − lse_exact| (the log-normaliser the causal recursion merges with).",
                   _table(errors, ["source", "n", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
-                                  "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad"])]
+                                  "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad",
+                                  "lse_err_padded_rows_masked", "lse_err_padded_rows_zero_pad"])]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
     summary = {"config": dataclasses.asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
                "wall_s": round(time.time() - t0, 1), "speed": speed, "errors": errors}

@@ -8,8 +8,6 @@ test recall. Models take them as `model(x, y, loss_mask=loss_mask)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -116,23 +114,3 @@ def mqar_batch(batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int
     scored = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=dev)
     scored.scatter_(1, query_pos, True)
     return _as_batch(seq, scored)
-
-
-@dataclass
-class SyntheticTask:
-    """A synthetic task as a config: `task.batch(batch_size, generator)` gives one batch."""
-
-    kind: Literal["induction", "mqar"] = "induction"
-    seq_len: int = 256
-    vocab_size: int = 512
-    prefix_len: int | None = None  # induction only
-    num_kv_pairs: int = 8  # mqar only
-    power_a: float = 0.01  # mqar only
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if self.kind == "induction":
-            return induction_batch(batch_size, self.seq_len, self.vocab_size, generator, self.prefix_len)
-        if self.kind == "mqar":
-            return mqar_batch(batch_size, self.seq_len, self.vocab_size, self.num_kv_pairs, generator,
-                              self.power_a)
-        raise UserError(f"unknown synthetic task {self.kind!r}; choose induction or mqar")

@@ -1,7 +1,8 @@
 """HyperAttention and key pre-scoring in miniature: a byte-level LM trained with exact attention at a long
 context, then evaluated with some of its layers switched to HyperAttention.
 
-1. Train a byte-level LM with exact attention at `context` tokens (≥ 2048; --quick: 512).
+1. Train a byte-level LM with exact attention at `context` tokens (≥ 2048; --quick: 512), or load one
+   (`checkpoint`).
 2. Held-out perplexity (e-based: exp of the mean negative log-likelihood in nats per byte) on the same
    validation windows with the last, the first or all layers (`layers`) switched to:
    exact (the baseline); plain hyper; hyper + each pre-scoring method at an equal key budget (`top_k` of the
@@ -55,8 +56,9 @@ class LongCtxConfig(ExperimentConfig):
                                                  "lsh_bits": 6})
     prescore: list[str] = field(default_factory=lambda: list(PRESCORE))
     top_k: int = 0  # pre-scored keys per (sequence, head), out of sample_size; 0: half of it
-    error_len: int = 0  # capture length for the error study; 0: context - context // 32 (not a block multiple)
+    error_len: int = 0  # capture length for the error study; 0: context - block/2 - 1 (so blocks need padding)
     error_seeds: int = 3
+    checkpoint: str = ""  # evaluate this attnlab byte LM (run or checkpoint folder) instead of training one
 
 
 def _quick(cfg: LongCtxConfig) -> LongCtxConfig:
@@ -65,9 +67,10 @@ def _quick(cfg: LongCtxConfig) -> LongCtxConfig:
                    hyper={"block_size": 32, "sample_size": 32, "min_seq_len": 64, "lsh_bits": 5})
 
 
-def _evaluate(model, windows, device) -> dict:
-    """e-based perplexity (exp of mean nats per byte) and forward seconds over the windows."""
-    nll, tokens, secs = 0.0, 0, 0.0
+def _evaluate(model, windows, device) -> tuple[dict, list[float]]:
+    """e-based perplexity (exp of mean nats per byte) and forward seconds over the windows, and each window's
+    mean loss (for paired comparisons: every setting sees the same windows)."""
+    per, tokens, secs = [], 0, 0.0
     model.eval()
     with torch.no_grad():
         for x, y in windows:
@@ -75,10 +78,46 @@ def _evaluate(model, windows, device) -> dict:
             t0 = time.perf_counter()
             logits = model(x)
             secs += time.perf_counter() - t0
-            nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            per.append(float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten())))
             tokens += y.numel()
-    loss = nll / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "forward_s": secs, "tokens": tokens}
+    loss = sum(per) / len(per)  # equal-length windows: the mean over windows is the mean over bytes
+    return {"loss": loss, "ppl": math.exp(loss), "forward_s": secs, "tokens": tokens}, per
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b over windows and its standard error."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def _train(cfg: LongCtxConfig, ctx, corpus, tok):
+    torch.manual_seed(cfg.seed)
+    mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+                    max_seq_len=cfg.context, attention=AttentionSpec())
+    model = LM(mcfg)
+    task = TextLMTask(corpus, cfg.context, cfg.batch_size, seed=cfg.seed, eval_batches=2)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
+                       seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False, progress=False,
+                       keep_checkpoints=1)
+    print(f"== training: {model.num_params():,} parameters, context {cfg.context}, {cfg.steps} steps", flush=True)
+    res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
+                out_dir=ctx.out / "train",
+                run_config={"model": asdict(mcfg), "data": {"source": "text", "path": str(cfg.data), "tokenizer": "byte"}})
+    return model, res
+
+
+def _load(cfg: LongCtxConfig, tok):
+    from ..workflows import load_lm
+
+    model, _, ckpt = load_lm(cfg.checkpoint)
+    if model.cfg.vocab_size != tok.vocab_size:
+        raise UserError(f"{ckpt} is not a byte-level model (vocabulary {model.cfg.vocab_size})")
+    if cfg.context > model.cfg.max_seq_len:
+        raise UserError(f"context {cfg.context} is longer than the checkpoint's max_seq_len {model.cfg.max_seq_len}")
+    print(f"== evaluating {ckpt} (no training)", flush=True)
+    return model, None
 
 
 @experiment("longctx", LongCtxConfig, "HyperAttention (+ key pre-scoring) swapped into a long-context byte LM")
@@ -105,31 +144,23 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     if not windows:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.context} bytes")
 
-    # 1. Train with exact attention.
-    torch.manual_seed(cfg.seed)
-    mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                    max_seq_len=cfg.context, attention=AttentionSpec())
-    model = LM(mcfg)
-    task = TextLMTask(corpus, cfg.context, cfg.batch_size, seed=cfg.seed, eval_batches=2)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
-                       seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False, progress=False,
-                       keep_checkpoints=1)
-    print(f"== training: {model.num_params():,} parameters, context {cfg.context}, {cfg.steps} steps", flush=True)
-    res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
-                out_dir=ctx.out / "train",
-                run_config={"model": asdict(mcfg), "data": {"source": "text", "path": str(cfg.data), "tokenizer": "byte"}})
+    # 1. Train with exact attention (or evaluate a model trained before).
+    if cfg.checkpoint:
+        model, res = _load(cfg, tok)
+    else:
+        model, res = _train(cfg, ctx, corpus, tok)
     model.to(ctx.device).eval()
 
     # 2. Perplexity with hyper in chosen layers.
-    rows = []
-    base = _evaluate(model, windows, ctx.device)
+    rows, per = [], {}
+    base, per["exact"] = _evaluate(model, windows, ctx.device)
     rows.append({"layers": "none", "variant": "exact", **base})
     print(f"   exact: ppl {base['ppl']:.4f} ({base['forward_s']:.1f} s)", flush=True)
     for layers in layer_choices:
         for label, extra in settings:
             torch.manual_seed(cfg.seed + 1)  # the same draws for every variant: differences are the method's
             with swapped_attention(model, "hyper", {**hyper, **extra}, layers):
-                m = _evaluate(model, windows, ctx.device)
+                m, per[(layers, label)] = _evaluate(model, windows, ctx.device)
             rows.append({"layers": layers, "variant": label, **m})
             print(f"   {layers} {label}: ppl {m['ppl']:.4f} ({m['forward_s']:.1f} s)", flush=True)
     for r in rows:
@@ -138,15 +169,18 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     for layers in layer_choices:
         plain = next(r for r in rows if r["layers"] == layers and r["variant"] == "hyper")
         gap = plain["ppl"] - base["ppl"]
+        gap_loss, gap_se = _paired(per[(layers, "hyper")], per["exact"])
         for r in rows:
             if r["layers"] == layers and r["variant"].startswith("hyper+"):
                 share = (plain["ppl"] - r["ppl"]) / gap if gap > 0 else None
+                gain, gain_se = _paired(per[(layers, "hyper")], per[(layers, r["variant"])])
                 r["gap_recovered"] = share
                 gaps.append({"layers": layers, "method": r["variant"][6:], "ppl_exact": base["ppl"],
-                             "ppl_hyper": plain["ppl"], "ppl_prescored": r["ppl"], "gap_recovered": share})
+                             "ppl_hyper": plain["ppl"], "ppl_prescored": r["ppl"], "gap_recovered": share,
+                             "gap_nats": gap_loss, "gap_nats_se": gap_se, "gain_nats": gain, "gain_nats_se": gain_se})
 
     # 4. Error on captured q/k/v at a length that is not a multiple of the block.
-    n_err = cfg.error_len or cfg.context - cfg.context // 32
+    n_err = cfg.error_len or cfg.context - int(cfg.hyper.get("block_size", 256)) // 2 - 1
     x = next(iter(corpus.eval_windows("val", n_err, 1)))[0].to(ctx.device)
     (q, k, v), _ = capture_qkv(model, x, layer=-1)
     bcfg = BenchConfig(mechanisms=["hyper"], prescore=list(cfg.prescore), prescore_top_k=top_k,
@@ -186,15 +220,21 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
     ppl_plot = ctx.out / "perplexity.png"
     fig.savefig(ppl_plot, dpi=120)
     plt.close(fig)
-    curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
-                                                                 [e["val_loss"] for e in res.evals])},
-                      xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
+    curve = None
+    if res is not None:
+        curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
+                                                                     [e["val_loss"] for e in res.evals])},
+                          xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
 
     r = ctx.report
     r.h("HyperAttention with key pre-scoring in a long-context byte LM", 1)
-    r.p(f"Model: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads, rotary, bytes; trained with exact "
-        f"attention at context {cfg.context} for {res.steps} steps (batch {cfg.batch_size}, {res.step_s:.2f} s/step) "
-        f"on {cfg.data}. Device {ctx.device}, {torch.get_num_threads()} threads.")
+    if res is not None:
+        r.p(f"Model: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads, rotary, bytes; trained with exact "
+            f"attention at context {cfg.context} for {res.steps} steps (batch {cfg.batch_size}, {res.step_s:.2f} "
+            f"s/step) on {cfg.data}. Device {ctx.device}, {torch.get_num_threads()} threads.")
+    else:
+        r.p(f"Model: the byte LM in {cfg.checkpoint} (trained before, with exact attention), evaluated at context "
+            f"{cfg.context} on {cfg.data}. Device {ctx.device}, {torch.get_num_threads()} threads.")
     r.p(f"Perplexity is e-based: exp(mean negative log-likelihood in nats per byte) over {base['tokens']} "
         f"validation bytes ({cfg.eval_windows} windows of {cfg.context}). Hyper options: {hyper} (seed null: a fresh "
         f"draw per window, from the same seeded generator for every variant). Pre-scored variants keep the key budget: "
@@ -207,7 +247,9 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
         r.h("Share of the perplexity gap recovered by pre-scoring")
         r.p("gap_recovered = (ppl_hyper − ppl_prescored) / (ppl_hyper − ppl_exact) at an equal key budget; 1 = "
             "all of it, 0 = none, negative = worse than plain hyper. The paper: 12 → 8.3 against plain "
-            "HyperAttention at 131k (ChatGLM2), i.e. most of the gap to exact.")
+            "HyperAttention at 131k (ChatGLM2), i.e. most of the gap to exact. gap_nats (plain hyper − exact) and "
+            "gain_nats (plain hyper − pre-scored) are mean per-byte loss differences over the same windows, with "
+            "their standard errors across windows: a gain within about two standard errors of 0 is noise.")
         r.table(gaps)
     else:
         r.p("Plain hyper was not worse than exact here, so there was no gap to recover.")
@@ -217,15 +259,20 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
         f"{cfg.error_seeds} seeds. 'hyper zero-pad' fills block padding with zero keys like the official code; "
         "'hyper' masks it.")
     r.p("For the zero-padding variant the last columns compare both designs on the query rows whose block held "
-        "padding (same seeds, so the same draws; the only rows where they differ).")
+        "padding (same seeds, so the same draws; the only rows where they differ): relative output error and mean "
+        "|lse − lse_exact|.")
     r.table(errors, ["source", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
-                     "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad"])
-    r.image(curve, "training curve")
-    r.p(f"The trained model is in {ctx.out / 'train'}: `attnlab bench attention --checkpoint {ctx.out / 'train'} "
-        f"--text {cfg.data}` measures the other mechanisms on its q/k/v.")
+                     "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad", "lse_err_padded_rows_masked",
+                     "lse_err_padded_rows_zero_pad"])
+    if curve is not None:
+        r.image(curve, "training curve")
+        r.p(f"The trained model is in {ctx.out / 'train'}: `attnlab bench attention --checkpoint {ctx.out / 'train'} "
+            f"--text {cfg.data}` measures the other mechanisms on its q/k/v, and `attnlab run longctx --checkpoint "
+            f"{ctx.out / 'train'}` evaluates it again without training.")
     r.save()
 
-    summary = {"ppl_exact": base["ppl"], "train_steps": res.steps, "final_val_loss": res.final.get("val_loss"),
+    summary = {"ppl_exact": base["ppl"], "train_steps": res.steps if res else 0,
+               "final_val_loss": res.final.get("val_loss") if res else None,
                "perplexity": rows, "gap_recovered": gaps,
                "errors": errors, "ppl_base": "e"}
     return summary
