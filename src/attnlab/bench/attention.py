@@ -173,12 +173,11 @@ def _predict(times: list[tuple[int, float]], n: int) -> float:
 
 
 def fit_n2(times: list[tuple[int, float]]) -> float:
-    """c of t ≈ c·n², least squares over the measured points in the upper half (log-scale) of n."""
+    """c of t ≈ c·n², least squares over the measured points: each point weighs as n⁴, so the longest
+    lengths (where fixed costs no longer matter) decide it."""
     if not times:
         raise ValueError("no timings to fit")
-    top = max(n for n, _ in times)
-    pts = [(n, t) for n, t in times if n * n >= top] or times
-    return sum(t * n * n for n, t in pts) / sum(float(n) ** 4 for n, _ in pts)
+    return sum(t * n * n for n, t in times) / sum(float(n) ** 4 for n, _ in times)
 
 
 def speed_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
@@ -235,8 +234,8 @@ def speed_rows(cfg: BenchConfig, device, dtype, log=print) -> list[dict]:
                 rows.append(row)
                 log(f"  {mode} n={n} {var.label}: {t:.3f} s" + (f", {mem / 2**20:.0f} MB" if mem is not None else "")
                     + (f", rel err {row['rel_err_gaussian']:.3g}" if row["rel_err_gaussian"] is not None else ""))
-                del o
-            del q, k, v, ref
+                o = None
+            q = k = v = ref = None  # free this length's tensors before the next, longer one is drawn
     _add_speedups(rows)
     return rows
 

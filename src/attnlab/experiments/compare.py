@@ -21,14 +21,14 @@ class CompareConfig(ExperimentConfig):
     n_head: int = 4
     d_model: int = 64
     batch_size: int = 32
-    steps: int = 600
-    eval_every: int = 100
+    steps: int = 300
+    eval_every: int = 50
     lr: float = 3e-3
     target_accuracy: float = 0.99  # early stop
     # Options per mechanism, chosen so that approximate mechanisms actually approximate at this length.
     options: dict[str, dict] = field(default_factory=lambda: {
         "ssa": {"factor": 2},
-        "hyper": {"min_seq_len": 16, "block_size": 8, "sample_size": 8},
+        "hyper": {"min_seq_len": 32, "block_size": 16, "sample_size": 16},
     })
     mechanisms: list[str] = field(default_factory=list)  # empty: every registered one
     transforms: bool = True  # also run every kernel with every registered key/value transform
@@ -58,7 +58,7 @@ def run(cfg: CompareConfig, ctx) -> dict:
         tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
                            seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype, early_stop_metric="accuracy",
                            early_stop_value=cfg.target_accuracy, tensorboard=False)
-        print(f"== {label}")
+        print(f"== {label}", flush=True)
         res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=50),
                     out_dir=ctx.out / "runs" / label)
         batch = task.batch(0, 0, 0, ctx.device)

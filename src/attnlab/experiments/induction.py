@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
 
 from ..attention import AttentionSpec
 from ..errors import UserError
