@@ -17,12 +17,12 @@ from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 @dataclass
 class CompareConfig(ExperimentConfig):
     task: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(kind="induction", vocab_size=32, seq_len=64))
-    n_layer: int = 2
+    n_layer: int = 1  # one layer: only a key/value transform like KV shifting can form an induction head
     n_head: int = 4
     d_model: int = 64
     batch_size: int = 32
-    steps: int = 300
-    eval_every: int = 50
+    steps: int = 1500
+    eval_every: int = 100
     lr: float = 3e-3
     target_accuracy: float = 0.99  # early stop
     # Options per mechanism, chosen so that approximate mechanisms actually approximate at this length.

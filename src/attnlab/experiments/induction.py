@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-
 from ..attention import AttentionSpec
 from ..errors import UserError
 from ..models.lm import LMConfig
