@@ -81,7 +81,7 @@ def run(cfg: CompareConfig, ctx) -> dict:
                      title="Induction accuracy by attention mechanism")
     r = ctx.report
     r.h("Attention mechanisms on the induction-head task", 1)
-    r.p(f"Model: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads, rotary; task: {cfg.task.kind}, vocabulary "
+    r.p(f"Model: {cfg.n_layer} layer{'s' if cfg.n_layer > 1 else ''}, d={cfg.d_model}, {cfg.n_head} heads, rotary; task: {cfg.task.kind}, vocabulary "
         f"{cfg.task.vocab_size}, length {cfg.task.seq_len}; batch {cfg.batch_size}; at most {cfg.steps} steps, "
         f"early stop at {cfg.target_accuracy:.0%} accuracy. Device {ctx.device}. Peak memory is the tensor memory "
         "one training step allocates (see attnlab.bench.memory).")
