@@ -49,17 +49,13 @@ def _tokenizer_for(data: DataConfig, out: Path | None, fresh: bool):
         return load_tokenizer(tok_dir)
     text = None
     if data.tokenizer != "byte":
-        text = _read_text(Path(data.path))
+        from .data.text import read_text
+
+        text = read_text(data.path)
     tok = build_tokenizer(data.tokenizer, text, vocab_size=data.bpe_vocab_size)
     if tok_dir is not None:
         tok.save(tok_dir)
     return tok
-
-
-def _read_text(path: Path) -> str:
-    p = require_file(path, "data")
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
 def build_task(data: DataConfig, model_cfg: LMConfig, batch_size: int, seed: int, tokenizer=None, seq_len=None):
