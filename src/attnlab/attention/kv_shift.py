@@ -186,11 +186,7 @@ class _ShiftFn(torch.autograd.Function):
         ps = None if prev is None else prev.transpose(1, 2)
         w, n, o = ctx.w, xs.shape[1], 0 if ps is None else ps.shape[1]
         need_x, need_c, need_p = ctx.needs_input_grad[:3]
-        gx = None
-        if need_x:
-            # Written in the projection's own [B, N, H, D] order: the layer's head split then reshapes the
-            # gradient back for the projection without the copy it would need in g's order.
-            gx = torch.mul(gs, coef[:, 0].to(g.dtype)[:, None], out=torch.empty_like(xs, dtype=g.dtype))
+        gx = gs * coef[:, 0].to(g.dtype)[:, None] if need_x else None
         gp = torch.zeros_like(ps) if need_p else None
         acc = torch.promote_types(g.dtype, torch.float32)  # sums over B·N·D terms: never in half precision
         gc = torch.zeros_like(coef, dtype=acc) if need_c else None
