@@ -133,6 +133,11 @@ def test_gradients_are_correct():
     allowed = lag_allowed(torch.tensor([[False, False, True, False, False, False]] * 2), 2)
     torch.autograd.gradcheck(lambda x, c, p: _ShiftFn.apply(x, c, p, allowed, 2), (x, coef, prev))
     torch.autograd.gradcheck(lambda x, c: _ShiftFn.apply(x, c, None, None, 2), (x, coef))
+    # As in the model: a [B, H, N, D] view of [B, N, H, D] projections, three sequences, resets in one of them.
+    proj = torch.randn(3, 5, 2, 3, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+    resets = lag_allowed(torch.tensor([[False] * 5, [False, False, True, False, False], [False] * 5]), 2)
+    for w, allowed in ((1, None), (2, None), (2, resets)):
+        torch.autograd.gradcheck(lambda x, c: _ShiftFn.apply(x, c, None, allowed, w), (proj, coef[:, : w + 1]))
     short = x[:, :, :1].detach().requires_grad_(True)  # a decoding call shorter than the window
     torch.autograd.gradcheck(lambda x, c, p: _ShiftFn.apply(x, c, p, None, 2), (short, coef, prev))
     # Through the module and its constraint, the gradient reaches the raw parameters.

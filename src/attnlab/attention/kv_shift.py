@@ -182,32 +182,58 @@ class _ShiftFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, coef, prev, allowed = ctx.saved_tensors
-        xs, gs = x.transpose(1, 2), g.transpose(1, 2)
+        # The gradient may arrive laid out [B, H, N, D] (from SDPA) while x is [B, N, H, D]: one copy into a
+        # common order turns every pass below into a contiguous sweep instead of a strided one.
+        xs, gs = x.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
         ps = None if prev is None else prev.transpose(1, 2)
-        w, n, o = ctx.w, xs.shape[1], 0 if ps is None else ps.shape[1]
+        w, (b, n, h, d), o = ctx.w, xs.shape, 0 if ps is None else ps.shape[1]
         need_x, need_c, need_p = ctx.needs_input_grad[:3]
-        gx = gs * coef[:, 0].to(g.dtype)[:, None] if need_x else None
-        gp = torch.zeros_like(ps) if need_p else None
         acc = torch.promote_types(g.dtype, torch.float32)  # sums over B·N·D terms: never in half precision
-        gc = torch.zeros_like(coef, dtype=acc) if need_c else None
-        if need_c:
-            gc[:, 0] = (gs * xs).sum(dim=(0, 1, 3), dtype=acc)
+        gc, spare = _coef_grad(gs, xs, allowed, w, acc) if need_c else (None, None)
+        gx = None
+        if need_x:  # the products' buffer is free again: reusing it spares a fresh allocation
+            out = spare.view_as(gs) if spare is not None and spare.dtype == g.dtype else None
+            gx = torch.mul(gs, coef[:, 0].to(g.dtype)[:, None], out=out)
+        gp = torch.zeros_like(ps) if need_p else None
         for j in range(1, w + 1):
             wj = _lag_weight(coef, allowed, j, g.dtype)
             lo_x, lo_p, hi_p = _lag_spans(n, o, j)
-            spans = [(xs, lo_x, n, n > lo_x, gx, need_x, lo_x - j)]
-            if ps is not None:
-                spans.append((ps, lo_p, hi_p, lo_p < hi_p, gp, need_p, o + lo_p - j))
-            for src, lo, hi, nonempty, gsrc, need_src, s_lo in spans:
-                if not nonempty:
-                    continue
-                s_hi = s_lo + hi - lo
-                if need_src:
-                    gsrc[:, s_lo:s_hi].addcmul_(gs[:, lo:hi], _rows(wj, lo, hi))
-                if need_c:
-                    prod = gs[:, lo:hi] * src[:, s_lo:s_hi]
-                    if allowed is not None:
-                        prod = prod * allowed[j - 1, :, lo:hi, None, None].to(prod.dtype)
-                    gc[:, j] += prod.sum(dim=(0, 1, 3), dtype=acc)
+            if need_x and n > lo_x:
+                gx[:, : n - j].addcmul_(gs[:, lo_x:], _rows(wj, lo_x, n))
+            if ps is None or lo_p >= hi_p:
+                continue
+            src = slice(o + lo_p - j, o + hi_p - j)
+            if need_p:
+                gp[:, src].addcmul_(gs[:, lo_p:hi_p], _rows(wj, lo_p, hi_p))
+            if need_c:
+                prod = gs[:, lo_p:hi_p] * ps[:, src]
+                if allowed is not None:
+                    prod = prod * allowed[j - 1, :, lo_p:hi_p, None, None].to(prod.dtype)
+                gc[:, j] += prod.sum(dim=(0, 1, 3), dtype=acc)
         t = lambda a: None if a is None else a.transpose(1, 2)  # noqa: E731
         return t(gx), None if gc is None else gc.to(coef.dtype), t(gp), None, None
+
+
+def _coef_grad(gs, xs, allowed, w, acc):
+    """Σ over batch, targets i and channels of g_i · x_{i−j} (masked by `allowed`; x within the call only) as
+    [H, w + 1], and the scratch buffer of the products.
+
+    Batch and sequence are flattened into one token axis, so lag j pairs token rows t and t − j of two
+    [B·N, H·D] matrices; a weight per target row (zero across a sequence start or a reset) then reduces the
+    rows in one matrix-vector product. Column sums are cheap where a reduction over (B, N, D) keeping H is not.
+    """
+    b, n, h, d = xs.shape
+    gf, xf = gs.view(b * n, h * d).to(acc), xs.view(b * n, h * d).to(acc)
+    prod = gf * xf
+    cols = [prod.sum(0)]
+    pos = torch.arange(n, device=xs.device)
+    for j in range(1, w + 1):
+        if n <= j:
+            cols.append(prod.new_zeros(h * d))
+            continue
+        ok = (pos >= j).expand(b, n)
+        if allowed is not None:
+            ok = ok & allowed[j - 1]
+        torch.mul(gf[j:], xf[:-j], out=prod[j:])
+        cols.append(ok.reshape(-1)[j:].to(acc) @ prod[j:])
+    return torch.stack(cols, 1).view(h, d, w + 1).sum(1), prod
