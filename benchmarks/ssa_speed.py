@@ -3,12 +3,15 @@
 Part 1 (attention): forward + backward of one causal attention call, q/k/v [B, H, N, D] laid out as the
 layer's projections are, for n in --ns, SSA with S in --factors (unbiased and local sampling) against
 `exact` (torch SDPA: flash / memory-efficient kernels) and `naive` (scores materialised, softmax, matmul: the
-vanilla attention of the paper's baselines). Time: median of --repeats after a warm-up. Memory: peak tensor
+vanilla attention of the paper's baselines). Time: median of --repeats after a warm-up, in process CPU time on
+CPU (run it with one thread: OMP_NUM_THREADS=1) and wall time on CUDA. Memory: peak tensor
 memory the call allocates beyond its inputs (`attnlab.bench.memory.peak_memory`: the CUDA allocator's peak,
 or a dispatch-mode tally on CPU), gradients of q, k, v included.
 
 Part 2 (training step): one full optimizer step (forward, backward, AdamW) of a byte-level LM at n in
---step-ns, dense against SSA S=4 (unbiased and local); the configurations alternate within each repeat.
+--step-ns, dense against SSA S=4 (unbiased and local) and S=8 (unbiased); the configurations alternate
+within each repeat. The model is the `attnlab run ssa` LM at its defaults (4 layers, d = 256 as 4 heads × 64,
+rotary, GELU MLP of 4·d, tied embeddings) with its context set to n; batch --step-batch.
 
     python benchmarks/ssa_speed.py --out runs/ssa_speed            # defaults for the device found
     python benchmarks/ssa_speed.py --quick --out /tmp/ssa_speed     # a small smoke run
@@ -74,19 +77,26 @@ def attention_case(kind, n, args, device, dtype):
     return step
 
 
+def clock(device):
+    """The process's CPU time on CPU, where the runs are single-threaded, so that other processes on a shared
+    machine do not count; wall time on CUDA."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def interleaved(steps: dict, device, repeats) -> dict:
     """Median seconds of each closure, the closures taking turns within every repeat so that changes in
     machine load fall on all of them alike."""
+    now = clock(device)
     for step in steps.values():
         step()  # warm-up: kernels chosen, allocator primed
     times = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             step()
             sync(device)
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(now() - t0)
     return {label: statistics.median(ts) for label, ts in times.items()}
 
 
@@ -146,7 +156,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
-           "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats}
+           "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
+           "clock": "wall" if cuda else "process cpu time"}
     print(json.dumps(env), flush=True)
 
     kinds = ["exact", "naive"] + [f"ssa:{s}:{f}" for s in args.samplings for f in args.factors]
@@ -177,6 +188,7 @@ def main(argv=None):
     step_rows = []
     if not args.skip_steps:
         specs = {"dense": ("exact", {}), "ssa-unbiased-S4": ("ssa", {"factor": 4}),
+                 "ssa-unbiased-S8": ("ssa", {"factor": 8}),
                  "ssa-local-S4": ("ssa", {"factor": 4, "sampling": "local"})}
         for n in args.step_ns:
             steps = {label: train_step_case(spec, n, args, device, amp) for label, spec in specs.items()}

@@ -10,6 +10,7 @@ import torch
 
 from attnlab.attention import build_kernel, exact_attention, reference_attention, set_attention_mode
 from attnlab.attention import ssa as ssa_mod
+from attnlab.attention import ssa_flash
 from attnlab.attention.ssa import SSAAttention, seed_sampling
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
@@ -93,11 +94,103 @@ def test_attention_runs_over_gathered_keys_only(monkeypatch):
 
     monkeypatch.setattr(ssa_mod.F, "scaled_dot_product_attention", spy)
     q, k, v = qkv(b=2, n=64, dtype=torch.float32)
-    make(4, "unbiased")(q, k, v, causal=True)
-    make(4, "local")(q, k, v, causal=True)
+    everything = torch.ones(2, 1, 1, 64, dtype=torch.bool)  # a caller's mask: the SDPA path
+    make(4, "unbiased")(q, k, v, causal=True, mask=everything)
+    make(4, "local")(q, k, v, causal=True, mask=everything)
     (uq, uk), (lq, lk) = seen
     assert uq[2] == 64 and uk[2] == 64 // 4 + 1  # all queries, N/S keys + the self slot
     assert lq[0] == 2 * 4 and lq[2] == 16 and lk[2] == 16 + 1  # S windows of w queries and w keys
+
+
+@pytest.mark.parametrize("sampling", ["unbiased", "local"])
+def test_fused_cpu_path_gathers_and_masks_only_the_diagonal(monkeypatch, sampling):
+    """Without a caller's mask, the CPU path calls the flash kernel over gathered keys only: the keys before
+    a query block with no mask, and a mask only over the keys inside the block, far smaller than N x N/S."""
+    calls = []
+    real = ssa_flash._FLASH
+
+    def spy(q, k, v, *args, attn_mask=None, **kw):
+        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else attn_mask[0].numel()))
+        return real(q, k, v, *args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(ssa_flash, "_FLASH", spy)
+    monkeypatch.setattr(ssa_flash, "BLOCK_ROWS", 128)
+    n, factor = 2048, 4
+    m = n // factor
+    ker = make(factor, sampling)
+    seed_sampling(ker, 0)
+    ker(*qkv(b=2, h=1, n=n, d=4, dtype=torch.float32), causal=True)
+    assert all(rows <= 2 * 128 for rows, _, _ in calls)
+    assert max(keys for _, keys, _ in calls) <= m  # N/S keys (unbiased) or one window of w = N/S (local)
+    scores = sum(rows * keys for rows, keys, _ in calls)
+    masked = sum(x for _, _, x in calls if x is not None)
+    # Causality skips about half of the N x N/S gathered scores; the masks cover a sliver of them.
+    assert scores < 0.65 * n * m, scores / (n * m)
+    assert masked < 0.25 * n * m, masked / (n * m)
+
+
+@pytest.mark.parametrize("sampling,causal,n,factor,hkv,block", [
+    ("unbiased", True, 40, 4, 2, 8),  # several query blocks, grouped-query heads
+    ("unbiased", True, 37, 3, 4, 5),
+    ("unbiased", False, 21, 2, 2, 8),
+    ("local", True, 40, 4, 2, 4),
+    ("local", True, 37, 3, 4, 8),  # a padded last window
+    ("local", False, 30, 4, 4, 8),
+])
+def test_fused_cpu_path_gradients_equal_reference(monkeypatch, sampling, causal, n, factor, hkv, block):
+    monkeypatch.setattr(ssa_flash, "BLOCK_ROWS", block)
+    q, k, v = (x.requires_grad_() for x in qkv(b=3, hkv=hkv, n=n))
+    ker = make(factor, sampling, spread=0.5)
+    out = ker(q, k, v, causal=causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = reference_attention(q, k, v, mask=union_mask(ker.last_draw, n, causal, None))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_cpu_path_gradcheck(monkeypatch):
+    monkeypatch.setattr(ssa_flash, "BLOCK_ROWS", 3)
+    q, k, v = (x.requires_grad_() for x in qkv(b=2, h=2, hkv=1, n=9, d=4))
+    for sampling in ("unbiased", "local"):
+        ker = make(3, sampling)
+
+        def f(q, k, v):
+            seed_sampling(ker, 3)
+            return ker(q, k, v, causal=True)
+
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("sampling", ["unbiased", "local"])
+def test_fused_cpu_path_in_bfloat16(monkeypatch, sampling):
+    monkeypatch.setattr(ssa_flash, "BLOCK_ROWS", 16)
+    q, k, v = qkv(n=64, hkv=2, dtype=torch.float32)
+    qb, kb, vb = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    ker = make(4, sampling)
+    out = ker(qb, kb, vb, causal=True)
+    out.float().pow(2).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (qb, kb, vb))
+    ref = reference_attention(q64, k64, v64, mask=union_mask(ker.last_draw, 64, True, None))
+    ref.pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.02)
+    for a, b in ((qb, q64), (kb, k64), (vb, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0.05, atol=0.05)
+
+
+def test_lse_with_gradients_is_differentiable():
+    """An lse that autograd needs goes through the SDPA path, whose lse is differentiable."""
+    q, k, v = (x.requires_grad_() for x in qkv(n=12))
+    ker = make(3)
+    out, lse = ker(q, k, v, causal=True, return_lse=True)
+    got = torch.autograd.grad(lse.sum() + out.sum(), (q, k, v))
+    ref, ref_lse = reference_attention(q, k, v, mask=union_mask(ker.last_draw, 12, True, None), return_lse=True)
+    want = torch.autograd.grad(ref_lse.sum() + ref.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_unbiased_includes_each_key_with_probability_one_over_s():

@@ -9,15 +9,21 @@ Each call draws which keys every query may see, once per example, shared by all 
 
 The kept keys and values are gathered, so attention runs over [N × M] (unbiased) or S blocks of [w × w]
 (local): compute and score memory fall by about S. Causal masking compares original positions, and rotary
-was applied by the layer before the gather, so positions are the original ones too. Causal attention
-runs in a few query chunks, each over the (sorted) keys up to its last query, so blocks that causality
-hides entirely are skipped as exact causal attention skips them.
+was applied by the layer before the gather, so positions are the original ones too. Every query also sees
+its own key, so no row is empty: a "self slot" (score q_i·k_i, value v_i) merged with the gathered keys
+through the log-sum-exp. Where the own key was drawn anyway, or the mask hides it, the slot is switched off.
 
-Every query also sees its own key, so no row is empty. It joins the gathered keys as one extra "self slot":
-the queries get one more coordinate holding q_i·k_i and the slot's key is the unit vector on it, so a single
-SDPA call normalises the sampled keys and the own key together (the log-sum-exp merge of the two parts,
-done inside the kernel, with exact gradients); the slot's value is a unit column whose output weight
-multiplies v_i afterwards. Where the own key was drawn anyway, or the mask hides it, the slot is switched off.
+Two implementations compute the same attention:
+- On CPU without a caller's mask (language-model training), `ssa_flash`: the queries in blocks, each with
+  one maskless fused flash call over the gathered keys before the block and one small masked call over the
+  keys inside it, merged with the self slot in place. No [N × M] mask exists, causally hidden blocks are
+  skipped, and backward keeps only q, k, v, the output and its lse.
+- Otherwise (a padding or document mask, CUDA, or an lse that needs gradients): SDPA over the gathered keys
+  with an explicit mask, in a few query chunks (each over the sorted keys up to its last query, so blocks
+  that causality hides are skipped). The self slot rides in the same call: the queries get one more
+  coordinate holding q_i·k_i and the slot's key is the unit vector on it, so SDPA normalises the sampled
+  keys and the own key together, with exact gradients; the slot's value is a unit column whose output
+  weight multiplies v_i afterwards.
 
 Modes: "auto" samples only in training (eval runs exact attention); "sample" samples in eval too, for
 self-ensembles (`attnlab.inference.ensemble`); "dense" is exact attention with the same weights.
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .exact import _HAS_GQA, exact_attention, logsumexp_scores
+from . import ssa_flash
 from .registry import Capabilities, Kernel, register_kernel
 
 # Score of a switched-off self slot: exp(-1000 - lse) is exactly 0 in every float type, and -1000 stays
@@ -201,12 +208,12 @@ class SSAAttention(Kernel):
         kidx = keys.clamp(max=n - 1)  # local padding slots read a real key and are masked below
 
         # The self slot stays shut where the own key is drawn anyway or the caller's mask hides it.
-        if local:
-            rank = torch.full((b, n + 1), -1, dtype=keys.dtype, device=dev)
-            rank.scatter_(1, keys, torch.arange(keys.shape[1], device=dev).expand(b, -1))
-            drawn = (rank[:, :n] // w) == (pos // w)
-        else:
-            drawn = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, keys, True)
+        drawn = _own_key_drawn(draw)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        # The fused CPU path's lse carries no gradient, so it serves lse requests only without autograd.
+        if mask is None and ssa_flash.supported(q) and not (return_lse and needs_grad):
+            out, lse = ssa_flash.gathered_attention(q, k, v, keys, ~drawn, _plan(draw, causal), scale)
+            return (out, lse) if return_lse else out
         open_ = ~drawn[:, None, :]
         diag = _diag(mask, n)
         if diag is not None:
@@ -297,6 +304,28 @@ class SSAAttention(Kernel):
         if local:
             lse = lse.view(b, bb // b, hq, nq).transpose(1, 2).reshape(b, hq, -1)[:, :, :n]
         return lse
+
+
+def _plan(draw: Draw, causal: bool):
+    """The query blocks of `ssa_flash` for a draw: one window of all queries over the M keys (unbiased), or
+    query window k over the real keys of key window k (local; padding keys sit at the end of the last)."""
+    n, w = draw.n, draw.window
+    if draw.sampling == "unbiased":
+        return ssa_flash.plan(draw.keys, [(0, n, 0, draw.keys.shape[1])], causal)
+    s = draw.keys.shape[1] // w
+    wins = [(i * w, min(n, (i + 1) * w), i * w, i * w + min(n - i * w, w)) for i in range(s) if i * w < n]
+    return ssa_flash.plan(draw.keys, wins, causal)
+
+
+def _own_key_drawn(draw: Draw) -> torch.Tensor:
+    """[B, N] bool: whether each query's own key is among the keys its window drew."""
+    b, n, w = draw.keys.shape[0], draw.n, draw.window
+    dev = draw.keys.device
+    if draw.sampling == "local":
+        rank = torch.full((b, n + 1), -1, dtype=draw.keys.dtype, device=dev)
+        rank.scatter_(1, draw.keys, torch.arange(draw.keys.shape[1], device=dev).expand(b, -1))
+        return (rank[:, :n] // w) == (torch.arange(n, device=dev) // w)
+    return torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, draw.keys, True)
 
 
 def _and(a, b):
