@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from attnlab.attention import AttentionSpec, build_kernel, merge, reference_attention
+from attnlab.attention import AttentionSpec, build_kernel, lsh, merge, reference_attention
 from attnlab.attention.hyper import (HyperConfig, attention_layers, attention_lse, hyper_attention, swap_attention,
                                      swapped_attention)
 from attnlab.attention.merge import merge_
@@ -171,6 +171,31 @@ def test_block_padding_is_masked_while_zero_padding_adds_a_sink():
     torch.testing.assert_close(extra[hit], torch.full_like(extra[hit], 12.0))
     assert float(extra[~hit].abs().max()) < 1e-9
     assert 0 < int(hit.sum()) < extra.numel()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_padding_ignores_a_common_key_offset_while_zero_padding_does_not(causal, monkeypatch):
+    # Exact attention ignores an offset u added to every key: row i's logits all move by q_i·u·scale. With
+    # hyperplanes orthogonal to u the buckets do not move either (and the seeded samples never depend on the
+    # keys), so masked hyper must return the same output with its lse moved by q_i·u·scale. Zero padding keys
+    # stay at logit 0 while the real keys move: those rows change (here u lowers the real logits by ~2).
+    monkeypatch.setattr(lsh, "projections", lambda dim, bits, *, generator, device: torch.eye(dim, bits, device=device))
+    q, k, v = _qkv(nq=100, seed=13, dtype=torch.float64)  # 100 keys: padding in the last block of 16
+    q[..., 7] += 1.5
+    u = torch.zeros(8, dtype=torch.float64)
+    u[7] = -4.0  # orthogonal to the 4 hyperplanes e_0..e_3
+    shift = (q @ u) / math.sqrt(8)
+    for zero_pad in (False, True):
+        cfg = HyperConfig(**SMALL, zero_pad=zero_pad)
+        o, lse = hyper_attention(q, k, v, cfg, causal=causal)
+        o_u, lse_u = hyper_attention(q, k + u, v, cfg, causal=causal)
+        if not zero_pad:
+            torch.testing.assert_close(o_u, o, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(lse_u, lse + shift, rtol=1e-9, atol=1e-9)
+        else:
+            moved = (o_u - o).norm(dim=-1)
+            assert float(moved.max()) > 0.1 and float((lse_u - lse - shift).abs().max()) > 0.5
+            assert 0 < int((moved > 1e-9).sum()) < moved.numel()  # only rows whose block held padding
 
 
 def test_bf16_runs_close_to_fp32():

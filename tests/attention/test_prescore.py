@@ -105,3 +105,62 @@ def test_key_scores_dispatch_and_subsampled_fit():
         assert s.shape == (1, 2, 500) and torch.isfinite(s).all()
     with pytest.raises(ValueError):
         prescore.key_scores(k, "kernel", clusters=4, iters=3)
+
+
+def test_l1_assignment_differs_from_euclidean():
+    # The origin is nearer to a = (2, 2) in Euclidean distance (2.83 < 3.5) but nearer to b = (3.5, 0) in L1
+    # (3.5 < 4): L1 k-medians must pick b, the Euclidean assignment a.
+    x = torch.zeros(1, 1, 2)
+    cents = torch.tensor([[[2.0, 2.0], [3.5, 0.0]]])
+    dist, assign = prescore.nearest_centroid(x, cents, l1=True)
+    assert int(assign) == 1 and float(dist) == 3.5
+    dist, assign = prescore.nearest_centroid(x, cents, l1=False)
+    assert int(assign) == 0 and abs(float(dist) - 8**0.5) < 1e-6
+
+
+def test_kmedian_fit_is_a_fixed_point_of_l1_assignment_and_median_update():
+    # Overlapping clusters (so L1 and Euclidean assignments disagree on many points): after enough rounds the
+    # centroids are the coordinate-wise medians of their L1-nearest members.
+    g = torch.Generator().manual_seed(11)
+    x = torch.cat([torch.randn(80, 3, generator=g) * torch.tensor([3.0, 0.3, 1.0]) + off
+                   for off in (torch.tensor([0.0, 0, 0]), torch.tensor([1.5, 1.0, 0]))])[None]
+    cents = prescore.fit_centroids(x, 4, 40, median=True, l1=True, generator=g)
+    _, assign = prescore.nearest_centroid(x, cents, l1=True)
+    torch.testing.assert_close(prescore._median_update(x, assign, cents), cents, rtol=0, atol=0)
+    l1 = torch.cdist(x, cents, p=1).argmin(-1)
+    l2 = torch.cdist(x, cents, p=2).argmin(-1)
+    assert torch.equal(assign, l1) and not torch.equal(assign, l2)
+
+
+@pytest.mark.parametrize("l1", [False, True])
+def test_kmedian_scores_are_distance_shares_to_median_centroids(l1):
+    # The papers' k-median (Euclidean) and textbook k-medians (L1), each through key_scores as hyper calls it.
+    x, _ = _planted(2)
+    scores = prescore.key_scores(x[None], "kmedian", clusters=3, iters=4, kmedian_l1=l1,
+                                 generator=torch.Generator().manual_seed(5))[0]
+    # Same seed, no subsampling (n <= fit_size): the same centroids.
+    cents = prescore.fit_centroids(x[None], 3, 4, median=True, l1=l1, generator=torch.Generator().manual_seed(5))
+    _, assign = prescore.nearest_centroid(x[None], cents, l1=l1)
+    torch.testing.assert_close(prescore._median_update(x[None], assign, cents), cents, rtol=0, atol=0)
+    dist, assign = torch.cdist(x[None], cents, p=1 if l1 else 2)[0].min(-1)
+    total = torch.zeros(3).index_add_(0, assign, dist)
+    torch.testing.assert_close(scores, dist / total[assign])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_median_update_matches_torch_median_per_cluster(seed):
+    g = torch.Generator().manual_seed(seed)
+    m, n, d, c = 2, 57 + 13 * seed, 5, 6
+    x = torch.randn(m, n, d, generator=g) * 10 ** (seed - 3)
+    if seed % 2:
+        x = torch.randint(-2, 3, (m, n, d), generator=g).float()  # ties everywhere
+    x[0, :, 0] = 7.0  # a constant column
+    x[1, 0, 1] = -1e30  # and one that a single value stretches
+    assign = torch.randint(0, c - 1, (m, n), generator=g)  # cluster c - 1 stays empty
+    old = torch.randn(m, c, d, generator=g)
+    got = prescore._median_update(x, assign, old)
+    for i in range(m):
+        for j in range(c):
+            members = x[i, assign[i] == j]
+            want = members.median(0).values if len(members) else old[i, j]
+            assert torch.equal(got[i, j], want)

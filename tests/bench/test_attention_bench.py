@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attnlab.attention import exact_attention, kernels
-from attnlab.bench.attention import BenchConfig, _predict, bench_attention, capture_qkv, fit_n2, variants
+from attnlab.bench.attention import (BenchConfig, _predict, bench_attention, capture_qkv, fit_n2, logit_offset_stats,
+                                    offset_qkv, shift_keys, variants)
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
 
@@ -86,3 +87,15 @@ def test_error_study_reads_q_k_v_from_a_saved_checkpoint(tmp_path):
     assert all(r["source"].startswith("trained LM") for r in rows)
     zp = next(r for r in rows if r["variant"] == "hyper zero-pad" and r["mode"] == "causal")
     assert 0 < zp["padded_rows_share"] < 1  # 150 is not a multiple of the block: some rows see padding
+
+
+def test_key_offsets_leave_exact_attention_alone_and_shift_the_mean_logit_as_asked():
+    cfg = BenchConfig(heads=4, kv_heads=2, head_dim=8, error_query_mean=2.0)
+    q, k, v = offset_qkv(cfg, 50, 0, "cpu", torch.float64)
+    for off in (-6.0, 3.0):
+        k2 = shift_keys(q, k, off)
+        torch.testing.assert_close(exact_attention(q, k2, v, causal=True), exact_attention(q, k, v, causal=True))
+        mean, sd = logit_offset_stats(q, k2)
+        assert mean - logit_offset_stats(q, k)[0] == pytest.approx(off) and sd > 0
+    with pytest.raises(UserError):
+        offset_qkv(BenchConfig(error_query_mean=0.0), 10, 0, "cpu", torch.float32)

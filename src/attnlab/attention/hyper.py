@@ -57,6 +57,8 @@ class HyperConfig:
     many keys (causal: the recursion's leaves). seed: an int makes every call draw the same hyperplanes and
     samples (deterministic); null draws from torch's global RNG.
     prescore: none | kmeans | kmedian | leverage | norm (norm = the cheap ‖k‖² proxy, not a leverage score).
+    kmedian_distance: "euclidean" (the papers' k-median: k-means' assignment and score, median centroids) or
+    "l1" (textbook k-medians: L1 assignment and score; dearer).
     top_k: keys per (batch, kv head) that pre-scoring sends to exact attention; the key budget of a query is
     then block_size + top_k + sample_size. clusters: k-means/k-median clusters (default max(1, min(256,
     top_k // 4)), as in the official code); iters: Lloyd rounds (default 10 for kmeans, 3 for kmedian);
@@ -74,6 +76,7 @@ class HyperConfig:
     clusters: int | None = None
     iters: int | None = None
     fit_size: int = 1024
+    kmedian_distance: Literal["euclidean", "l1"] = "euclidean"
     zero_pad: bool = False
 
     def __post_init__(self):
@@ -441,7 +444,7 @@ def _rect(q, k, v, mask, ctx):
     n_sel = 0
     if cfg.prescore != "none":
         scores = key_scores(k, cfg.prescore, clusters=cfg.n_clusters, iters=cfg.n_iters, fit_size=cfg.fit_size,
-                            generator=ctx.gen).float()
+                            kmedian_l1=cfg.kmedian_distance == "l1", generator=ctx.gen).float()
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid, float("-inf"))
         n_sel = min(cfg.top_k, nk)

@@ -3,7 +3,10 @@
 Methods (the paper's, with the official code's faults fixed where they change the meaning):
 - "kmeans": cluster the keys (k-means++ init, Lloyd); score = a key's distance to its centroid as a share of
   its cluster's total distance. Outliers and members of small clusters score high.
-- "kmedian": the same with coordinate-wise median centroids.
+- "kmedian": the same with coordinate-wise median centroids. The papers' (and the official code's) k-median
+  keeps k-means' Euclidean assignment and score; `l1=True` gives textbook k-medians instead: L1 assignment
+  and L1 distance shares, the metric the median is optimal for (about twice as dear on CPU: no matmul
+  computes an L1 distance). Seeding is k-means++ for both.
 - "leverage": the true statistical leverage score ℓ_i = k_iᵀ (KᵀK)⁺ k_i, the squared row norm of U in the thin
   SVD K = UΣVᵀ (scores sum to rank K). The official "leverage" is ‖k·W‖² for an orthogonal W, i.e. ‖k‖².
 - "norm": that cheap proxy, ‖k‖², under its own name.
@@ -12,6 +15,8 @@ Every function works on a stack of key matrices [..., N, D] (one per batch eleme
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -51,6 +56,16 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None)
     return torch.baddbmm(x_sq + c.pow(2).sum(-1).unsqueeze(-2), x, c.mT, alpha=-2).clamp_min_(0)
 
 
+def _l1_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """L1 distances [M, N, D] × [M, C, D] -> [M, N, C].
+
+    No matmul computes an exact L1 distance. cdist's CPU kernel is a scalar loop (~0.45 ns per coordinate
+    difference on the benchmark machine), yet it beats every eager alternative tried (broadcast sums, per-
+    coordinate accumulation, rank tables + embedding_bag): those are memory-bound. This is the main cost of
+    k-medians; see BENCHMARKS.md."""
+    return torch.cdist(x, c, p=1)
+
+
 def kmeans_pp_init(x: torch.Tensor, clusters: int, generator: torch.Generator | None) -> torch.Tensor:
     """k-means++ seeding on a stack of point sets: [M, N, D] -> [M, C, D]."""
     m, n, _ = x.shape
@@ -74,24 +89,67 @@ def kmeans_pp_init(x: torch.Tensor, clusters: int, generator: torch.Generator | 
     return torch.stack(cents, dim=1)
 
 
-def _median_update(x: torch.Tensor, assign: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise (lower) median of each cluster's members; empty clusters keep their centroid.
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in [0, 2**32) with the same order (IEEE bits, negatives flipped)."""
+    v = x.view(torch.int32).long()
+    return torch.where(v < 0, v ^ 0x7FFFFFFF, v) + 2**31
 
-    Members are grouped by one sort of the cluster ids, laid out in a NaN-padded [M, C, D, size] block and
-    reduced by nanmedian along its last dim (a selection, not a sort of every coordinate)."""
-    m, n, d = x.shape
-    c = cents.shape[1]
-    counts = torch.zeros(m, c, dtype=torch.int64, device=x.device).scatter_add_(1, assign, torch.ones_like(assign))
-    size = int(counts.max())
-    order = torch.sort(assign, dim=1, stable=True).indices
-    grouped = assign.gather(1, order)
-    start = torch.cumsum(counts, 1) - counts
-    slot = torch.arange(n, device=x.device).expand(m, n) - start.gather(1, grouped)
-    block = torch.full((m, c, d, size), float("nan"), dtype=x.dtype, device=x.device)
-    rows = torch.arange(m, device=x.device).unsqueeze(1).expand(m, n)
-    block[rows, grouped, :, slot] = x.gather(1, order.unsqueeze(-1).expand(m, n, d))
-    med = torch.nanmedian(block, dim=-1).values
-    return torch.where((counts > 0).unsqueeze(-1), med, cents)
+
+class _MedianSelect:
+    """Coordinate-wise (lower) medians of clusters of one stack of points [M, N, D], for any assignment.
+
+    A selection per (cluster, coordinate) row (kthvalue, nanmedian on a padded block) costs about a
+    microsecond per row in torch, and sorting is ~50 ns per value, so all medians are found at once by a
+    histogram select made of vectorised passes:
+    1. every value falls into one of B equal-width bins of its column's range (monotone in the value; fixed
+       by the points, so computed once for every round of a fit; B = 32, fewer when clusters are so small
+       that the histograms would outgrow the points);
+    2. per (matrix, cluster, coordinate) cell, a histogram and its running sum give the bin holding the
+       median and the median's rank among that bin's values;
+    3. only the values of those bins (a few per cell) are sorted, by (cell, value), and read at that rank.
+    The result is a member's value, bit for bit what torch.median gives per cluster and coordinate (other
+    dtypes are rounded to float32 first, as cluster_scores does anyway).
+    """
+
+    def __init__(self, x: torch.Tensor, clusters: int):
+        self.x = x.float().contiguous()
+        m, n, d = self.x.shape
+        bins = max(1, min(32, n // clusters))
+        lo, hi = self.x.amin(1, keepdim=True), self.x.amax(1, keepdim=True)
+        scale = bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+        b = ((self.x - lo) * scale).long().clamp_(0, bins - 1)
+        self.bins = bins
+        self.slot = b + torch.arange(d, device=x.device) * bins  # (coordinate, bin) within a cluster's cells
+        self.b = b.view(m * n, d)
+
+    def __call__(self, assign: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+        x, bins = self.x, self.bins
+        m, n, d = x.shape
+        c = cents.shape[1]
+        grp = torch.arange(m, device=x.device).unsqueeze(1) * c + assign  # [M, N]: (matrix, cluster)
+        counts = torch.bincount(grp.view(-1), minlength=m * c)
+        key = (grp.unsqueeze(-1) * (d * bins) + self.slot).view(-1)  # cell * bins + bin
+        hist = torch.bincount(key, minlength=m * c * d * bins).view(m * c * d, bins)
+        cum = hist.cumsum(-1)
+        rank = ((counts - 1).clamp_min(0) // 2).repeat_interleave(d)  # the lower median's rank in its cell
+        target = torch.searchsorted(cum, rank.unsqueeze(-1), right=True).clamp_(max=bins - 1)  # first cum > rank
+        upto = cum.gather(1, target).squeeze(-1)
+        inside = hist.gather(1, target).squeeze(-1)
+        # A value is a candidate when it sits in its cell's target bin (rows of D gathered per point).
+        hit = self.b == target.view(m * c, d).index_select(0, grp.view(-1))
+        idx = hit.view(-1).nonzero().squeeze(-1)
+        vals = x.view(-1)[idx]
+        order = ((key[idx] // bins) * 2**32 + _ordered_bits(vals)).sort().indices
+        start = torch.cumsum(inside, 0) - inside  # where each cell's values begin in the sorted list
+        # An empty cluster's cell reads some other value (clamped), discarded by the final where.
+        pos = (start + rank - (upto - inside)).clamp_(0, idx.numel() - 1)
+        med = vals[order[pos]].view(m, c, d).to(cents.dtype)
+        return torch.where((counts > 0).view(m, c, 1), med, cents)
+
+
+def _median_update(x: torch.Tensor, assign: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise (lower) median of each cluster's members; empty clusters keep their centroid."""
+    return _MedianSelect(x, cents.shape[1])(assign, cents)
 
 
 def _mean_update(x: torch.Tensor, assign: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
@@ -101,24 +159,36 @@ def _mean_update(x: torch.Tensor, assign: torch.Tensor, cents: torch.Tensor) -> 
     return torch.where((counts > 0).unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), cents)
 
 
-def fit_centroids(x: torch.Tensor, clusters: int, iters: int, *, median: bool,
+def nearest_centroid(x: torch.Tensor, cents: torch.Tensor, *, l1: bool = False,
+                     x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to the nearest centroid and its index, [M, N] each: Euclidean, or L1."""
+    if l1:
+        return _l1_dist(x, cents).min(-1)
+    d2, assign = _sq_dist(x, cents, x_sq).min(-1)
+    return d2.sqrt(), assign
+
+
+def fit_centroids(x: torch.Tensor, clusters: int, iters: int, *, median: bool, l1: bool = False,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """k-means (or k-median) on a stack of point sets [M, N, D]: k-means++ seeding, then `iters` rounds."""
+    """k-means (or k-median) on a stack of point sets [M, N, D]: k-means++ seeding, then `iters` rounds of
+    nearest-centroid assignment (Euclidean, or L1) and mean (or coordinate-wise median) update."""
     cents = kmeans_pp_init(x, clusters, generator)
-    x_sq = x.pow(2).sum(-1, keepdim=True)
+    x_sq = None if l1 else x.pow(2).sum(-1, keepdim=True)
+    update = _MedianSelect(x, clusters) if median else partial(_mean_update, x)
     for _ in range(iters):
-        assign = _sq_dist(x, cents, x_sq).argmin(-1)
-        cents = (_median_update if median else _mean_update)(x, assign, cents)
+        assign = nearest_centroid(x, cents, l1=l1, x_sq=x_sq)[1]
+        cents = update(assign, cents)
     return cents
 
 
-def cluster_scores(k: torch.Tensor, clusters: int, iters: int, *, median: bool = False,
+def cluster_scores(k: torch.Tensor, clusters: int, iters: int, *, median: bool = False, l1: bool = False,
                    generator: torch.Generator | None = None, fit_size: int = 1024) -> torch.Tensor:
     """Clustering score of each key: [..., N, D] -> float32 [..., N].
 
     Centroids are fitted on at most `fit_size` keys drawn uniformly per matrix (the fit then costs the same at
-    any length); every key is then assigned to its nearest centroid. A key's score is its distance to that
-    centroid divided by the sum of its cluster's distances (1/size when they are all zero, e.g. a singleton).
+    any length); every key is then assigned to its nearest centroid (Euclidean, or L1). A key's score is its
+    distance to that centroid divided by the sum of its cluster's distances (1/size when they are all zero,
+    e.g. a singleton).
     """
     lead, (n, d) = k.shape[:-2], k.shape[-2:]
     x = k.reshape(-1, n, d).float()
@@ -129,9 +199,8 @@ def cluster_scores(k: torch.Tensor, clusters: int, iters: int, *, median: bool =
         sub = x.gather(1, pick.unsqueeze(-1).expand(m, fit_size, d))
     else:
         sub = x
-    cents = fit_centroids(sub, clusters, iters, median=median, generator=generator)
-    d2, assign = _sq_dist(x, cents).min(-1)
-    dist = d2.sqrt()
+    cents = fit_centroids(sub, clusters, iters, median=median, l1=l1, generator=generator)
+    dist, assign = nearest_centroid(x, cents, l1=l1)
     # Per-cluster totals through one bincount over (matrix, cluster) ids.
     flat = (assign + torch.arange(m, device=x.device).unsqueeze(1) * clusters).reshape(-1)
     total = torch.bincount(flat, weights=dist.reshape(-1), minlength=m * clusters).view(m, clusters).to(dist.dtype)
@@ -142,12 +211,13 @@ def cluster_scores(k: torch.Tensor, clusters: int, iters: int, *, median: bool =
 
 
 def key_scores(k: torch.Tensor, method: str, *, clusters: int, iters: int, fit_size: int = 1024,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Score every key by `method` (one of METHODS): [..., N, D] -> [..., N], higher = attend exactly."""
-    if method == "kmeans":
-        return cluster_scores(k, clusters, iters, median=False, generator=generator, fit_size=fit_size)
-    if method == "kmedian":
-        return cluster_scores(k, clusters, iters, median=True, generator=generator, fit_size=fit_size)
+               kmedian_l1: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Score every key by `method` (one of METHODS): [..., N, D] -> [..., N], higher = attend exactly.
+    kmedian_l1: k-median by L1 distance (textbook k-medians) instead of the papers' Euclidean one."""
+    if method in ("kmeans", "kmedian"):
+        median = method == "kmedian"
+        return cluster_scores(k, clusters, iters, median=median, l1=median and kmedian_l1, generator=generator,
+                              fit_size=fit_size)
     if method == "leverage":
         return leverage_scores(k)
     if method == "norm":

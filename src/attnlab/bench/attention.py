@@ -12,6 +12,11 @@ Error: ‖o − o_exact‖ / ‖o_exact‖ over the whole output, (a) on the Gau
 exact attention ran, and (b) "at equal sizes": HyperAttention with small blocks and samples (`error_options`)
 so it approximates at modest n, against its zero-padding variant and pre-scored variants at an equal key
 budget, on Gaussian q/k/v and on q/k/v captured from a trained attnlab LM (`checkpoint`), averaged over seeds.
+Exact attention is invariant to a common offset u added to every key (row i's logits all shift by q_i·u·scale);
+attended zero keys do not shift with them. So the error study also sweeps such an offset on Gaussian inputs
+and on the trained model's q/k/v (`error_offsets`, masked padding against zero padding only), and reports
+every source's logit offset q_i·k̄·scale (k̄: the mean key; mean and spread over rows), which places a trained
+model's own keys on that sweep.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ class BenchConfig:
     error_lengths: list[int] = field(default_factory=lambda: [3000, 6000])  # not multiples of a block
     error_options: dict = field(default_factory=lambda: {"block_size": 64, "sample_size": 64, "min_seq_len": 256})
     error_seeds: int = 3
+    # Mean logit offsets mean_i q_i·u·scale of the key-offset sweep (keys shifted along the mean query), run at
+    # the first error length (queries given a mean error_query_mean·e along a random unit e: with centred
+    # queries the mean of q_i·u would be 0 whatever u is) and on the captured q/k/v.
+    error_offsets: list[float] = field(default_factory=lambda: [4.0, 0.0, -2.0, -4.0, -8.0])
+    error_query_mean: float = 2.0
     checkpoint: str = ""  # attnlab LM run or checkpoint folder to capture q/k/v from; empty: Gaussian only
     text: str = ""  # the text it reads for the capture; default: its own training data
     capture_len: int = 0  # tokens; 0: the model's max_seq_len
@@ -137,6 +147,34 @@ def gaussian_qkv(cfg: BenchConfig, n: int, seed: int, device, dtype):
     hkv = cfg.kv_heads or cfg.heads
     shapes = [(cfg.batch, cfg.heads, n, cfg.head_dim), (cfg.batch, hkv, n, cfg.head_dim), (cfg.batch, hkv, n, cfg.head_dim)]
     return [torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+def offset_qkv(cfg: BenchConfig, n: int, seed: int, device, dtype):
+    """Gaussian q, k, v whose queries are moved by a·e (e: a random unit vector, a = cfg.error_query_mean), so
+    that a common key offset can shift the mean logit: with centred queries mean_i q_i·u is 0 for every u."""
+    if cfg.error_query_mean <= 0:
+        raise UserError("error_query_mean must be positive: with centred queries no key offset shifts the mean logit")
+    q, k, v = gaussian_qkv(cfg, n, seed, "cpu", torch.float32)
+    e = torch.randn(cfg.head_dim, generator=torch.Generator().manual_seed(seed + 1))
+    q = q + cfg.error_query_mean * e / e.norm()
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+
+
+def shift_keys(q: torch.Tensor, k: torch.Tensor, logit_offset: float) -> torch.Tensor:
+    """k + u with one u per kv head, along its queries' mean q̄, sized so that mean_i q_i·u·scale = logit_offset
+    (row i's own shift q_i·u·scale spreads around that mean). Exact attention does not change."""
+    g = q.shape[1] // k.shape[1]
+    qbar = q.double().mean(2).view(q.shape[0], k.shape[1], g, -1).mean(2)  # [B, Hkv, D]
+    u = qbar * (logit_offset * math.sqrt(q.shape[-1]) / qbar.pow(2).sum(-1, keepdim=True).clamp_min(1e-30))
+    return (k.double() + u.unsqueeze(2)).to(k.dtype)
+
+
+def logit_offset_stats(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation over rows (queries × heads) of q_i·k̄·scale, k̄ = the head's mean key: the
+    part of row i's logits that the keys' common component contributes (what attended zero keys lack)."""
+    kbar = k.double().mean(2, keepdim=True).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    shift = (q.double() * kbar).sum(-1) / math.sqrt(q.shape[-1])
+    return float(shift.mean()), float(shift.std())
 
 
 def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
@@ -301,23 +339,34 @@ def captured_from_checkpoint(cfg: BenchConfig, device):
 
 
 def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None = None) -> list[dict]:
-    """Error at equal sizes on `sources` [(label, (q, k, v))]; default: Gaussian at cfg.error_lengths, plus
-    q/k/v captured from cfg.checkpoint when given."""
+    """Error at equal sizes on `sources` [(label, (q, k, v)) or (label, (q, k, v), variant labels to run)];
+    default: Gaussian at cfg.error_lengths, the key-offset sweep at the first of them (plain hyper and its
+    zero-padding variant only), and q/k/v captured from cfg.checkpoint when given."""
     if sources is None:
         sources = [(f"gaussian n={n}", gaussian_qkv(cfg, n, cfg.seed + 7 * n, device, dtype)) for n in cfg.error_lengths]
+        designs = {"hyper", "hyper zero-pad"}
+        if cfg.error_lengths:
+            n = cfg.error_lengths[0]
+            q, k, v = offset_qkv(cfg, n, cfg.seed + 7 * n, device, dtype)
+            sources += [(f"gaussian n={n}, query mean {cfg.error_query_mean:g}, key offset {off:+g}",
+                         (q, shift_keys(q, k, off), v), designs) for off in cfg.error_offsets]
         if cfg.checkpoint:
             # Captured from a causal LM, but valid inputs for both modes.
             q, k, v, _, what = captured_from_checkpoint(cfg, device)
-            sources.append((f"trained LM ({what})", [t.to(dtype) for t in (q, k, v)]))
+            q, k, v = [t.to(dtype) for t in (q, k, v)]
+            sources.append((f"trained LM ({what})", (q, k, v)))
+            sources += [(f"trained LM, key offset {off:+g}", (q, shift_keys(q, k, off), v), designs)
+                        for off in cfg.error_offsets if off != 0]
     rows = []
-    for label, (q, k, v) in sources:
+    for label, (q, k, v), *only in sources:
+        offset, offset_sd = logit_offset_stats(q, k)
         for mode in cfg.modes:
             causal = mode == "causal"
             with torch.no_grad():
                 ref, ref_lse = _kernel(Variant("exact", "exact", {}))(q, k, v, causal=causal, return_lse=True)
                 masked = {}  # seed -> plain hyper (o, lse), to pair with the zero-padding variant
                 for var in variants(cfg, error_study=True):
-                    if var.name == "exact" or not _supports(var, mode):
+                    if var.name == "exact" or not _supports(var, mode) or (only and var.label not in only[0]):
                         continue
                     errs, padded = [], []
                     for s in range(cfg.error_seeds):
@@ -333,6 +382,7 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
                         elif var.label == "hyper zero-pad" and s in masked:
                             padded.append(_padded_rows_errors(masked[s], (o, lse), (ref, ref_lse)))
                     row = {"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
+                           "mean_logit_offset": offset, "logit_offset_sd": offset_sd,
                            **_mean_std("rel_err", errs), "seeds": len(errs)}
                     if padded:
                         # Same seed, same draws: the outputs differ exactly on the queries whose block had padding.
@@ -476,8 +526,13 @@ def bench_attention(cfg: BenchConfig) -> Path:
                   + "; ".join(f"{v.label} = {v.name} {json.dumps(v.options)}" for v in ev if v.name != "exact"),
                   "For the zero-padding variant (same seeds, so the same draws) the last columns restrict both "
                   "designs to the query rows whose block held padding, the only rows where they differ: relative "
-                  "output error, and mean |lse − lse_exact| (the log-normaliser the causal recursion merges with).",
-                  _table(errors, ["source", "n", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
+                  "output error, and mean |lse − lse_exact| (the log-normaliser the causal recursion merges with). "
+                  "Rows 'key offset L' add one vector u per head to every key, along the mean query, so that the mean "
+                  "of q_i·u·scale is L (exact attention is unchanged; attended zero keys fall behind or ahead of the "
+                  "real keys by that much); mean_logit_offset / logit_offset_sd: mean and spread over rows of "
+                  "q_i·k̄·scale, k̄ the mean key.",
+                  _table(errors, ["source", "n", "mode", "variant", "mean_logit_offset", "logit_offset_sd",
+                                  "rel_err_mean", "rel_err_std", "padded_rows_share",
                                   "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad",
                                   "lse_err_padded_rows_masked", "lse_err_padded_rows_zero_pad"])]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
