@@ -186,7 +186,7 @@ class _ShiftFn(torch.autograd.Function):
         # common order turns every pass below into a contiguous sweep instead of a strided one.
         xs, gs = x.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
         ps = None if prev is None else prev.transpose(1, 2)
-        w, (b, n, h, d), o = ctx.w, xs.shape, 0 if ps is None else ps.shape[1]
+        w, n, o = ctx.w, xs.shape[1], 0 if ps is None else ps.shape[1]
         need_x, need_c, need_p = ctx.needs_input_grad[:3]
         acc = torch.promote_types(g.dtype, torch.float32)  # sums over B·N·D terms: never in half precision
         gc, spare = _coef_grad(gs, xs, allowed, w, acc) if need_c else (None, None)
