@@ -2,7 +2,7 @@
 
 Both models have the same weights (KV-shift adds 4 scalars per KV head and layer) and train on the same
 batch. Steps alternate A B B A … so that drifts of the machine's speed (other processes, clocks) hit both
-alike; the ratio is taken of the medians. On CPU the clock is the process's CPU time (see `measure`).
+alike; the ratio is taken of the medians. On CPU the clock is the process's CPU time (`attnlab.bench.measure`).
 
     python benchmarks/kv_shift_overhead.py                     # 4 layers, d 256, contexts 256 and 1024
     python benchmarks/kv_shift_overhead.py --device cuda --contexts 256 1024 4096
@@ -18,6 +18,7 @@ import time
 import torch
 
 from attnlab.attention import AttentionSpec
+from attnlab.bench.measure import CLOCKS, clock, interleaved
 from attnlab.experiments.kvshift_lm import paired_lm
 from attnlab.models.lm import LMConfig
 from attnlab.training.device import autocast, resolve_device
@@ -33,8 +34,6 @@ def make_step(model, x, device, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     return step
 
@@ -50,20 +49,8 @@ def measure(context: int, args, device, amp) -> dict:
         models[name] = paired_lm(cfg, seed=0).to(device).train()
     x = torch.randint(0, args.vocab, (batch, context), device=device)
     steps = {name: make_step(m, x, device, amp) for name, m in models.items()}
-    # On CUDA the wall clock is the cost. On a CPU shared with other processes it mostly measures waiting,
-    # so the CPU time of this process (all its threads) is the figure that compares the work done.
-    wall = args.clock == "wall" or (args.clock == "auto" and device.type == "cuda")
-    clock = time.perf_counter if wall else time.process_time
-    times = {name: [] for name in steps}
-    for _ in range(args.warmup):
-        for s in steps.values():
-            s()
-    order = list(steps)
-    for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            t0 = clock()
-            steps[name]()
-            times[name].append(clock() - t0)
+    times = interleaved(steps, args.rounds, device, clock_kind=args.clock, warmup=args.warmup, alternate=True)
+    wall = clock(args.clock, device) is time.perf_counter
     med = {name: statistics.median(ts) for name, ts in times.items()}
     # Each round times the two back to back: the median of per-round ratios shrugs off bursts of load.
     paired = statistics.median(k / v for k, v in zip(times["kv_shift"], times["vanilla"]))
@@ -88,7 +75,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+    p.add_argument("--clock", choices=CLOCKS, default="auto",
                    help="auto: wall clock on CUDA, process CPU time on CPU")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from attnlab.attention.hyper import HyperConfig, hyper_attention
 from attnlab.attention.prescore import METHODS
+from attnlab.bench.measure import interleaved
 
 
 def measure(n: int, causal: bool, args) -> dict:
@@ -39,14 +39,8 @@ def measure(n: int, causal: bool, args) -> dict:
         with torch.no_grad():
             hyper_attention(q, k, v, cfg, causal=causal)
 
-    for cfg in configs.values():  # warm-up: allocator, first-call costs
-        run(cfg)
-    times = {name: [] for name in configs}
-    for _ in range(args.rounds):
-        for name, cfg in configs.items():
-            t0 = time.process_time()
-            run(cfg)
-            times[name].append(time.process_time() - t0)
+    times = interleaved({name: (lambda cfg=cfg: run(cfg)) for name, cfg in configs.items()}, args.rounds,
+                        torch.device("cpu"), clock_kind="cpu")
     base = times["hyper"]
     rows = {}
     for name, ts in times.items():

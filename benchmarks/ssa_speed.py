@@ -25,22 +25,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from attnlab.attention import build_kernel
+from attnlab.bench.measure import interleaved
 from attnlab.bench.memory import peak_memory
 from attnlab.experiments.runner import markdown_table
 from attnlab.models.lm import LM, LMConfig
 from attnlab.training.device import resolve_device
 from attnlab.training.trainer import OptimConfig, make_optimizer
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def naive_attention(q, k, v, causal=True):
@@ -77,27 +72,10 @@ def attention_case(kind, n, args, device, dtype):
     return step
 
 
-def clock(device):
-    """The process's CPU time on CPU, where the runs are single-threaded, so that other processes on a shared
-    machine do not count; wall time on CUDA."""
-    return time.perf_counter if device.type == "cuda" else time.process_time
-
-
-def interleaved(steps: dict, device, repeats) -> dict:
-    """Median seconds of each closure, the closures taking turns within every repeat so that changes in
-    machine load fall on all of them alike."""
-    now = clock(device)
-    for step in steps.values():
-        step()  # warm-up: kernels chosen, allocator primed
-    times = {label: [] for label in steps}
-    for _ in range(repeats):
-        for label, step in steps.items():
-            sync(device)
-            t0 = now()
-            step()
-            sync(device)
-            times[label].append(now() - t0)
-    return {label: statistics.median(ts) for label, ts in times.items()}
+def median_seconds(steps: dict, device, repeats) -> dict:
+    """Median seconds of each closure, the closures taking turns within every repeat (process CPU time on
+    CPU, where the runs are single-threaded; wall time on CUDA)."""
+    return {label: statistics.median(ts) for label, ts in interleaved(steps, repeats, device).items()}
 
 
 def train_step_case(spec, n, args, device, amp):
@@ -166,7 +144,7 @@ def main(argv=None):
         steps = {kind: attention_case(kind, n, args, device, dtype) for kind in kinds
                  if kind != "naive" or n <= args.naive_max_n}
         try:
-            secs = interleaved(steps, device, args.repeats)
+            secs = median_seconds(steps, device, args.repeats)
             peaks = {kind: peak_memory(step, device)[1] for kind, step in steps.items()}
         except torch.OutOfMemoryError:
             print(f"n={n}: out of memory", flush=True)
@@ -192,7 +170,7 @@ def main(argv=None):
                  "ssa-local-S4": ("ssa", {"factor": 4, "sampling": "local"})}
         for n in args.step_ns:
             steps = {label: train_step_case(spec, n, args, device, amp) for label, spec in specs.items()}
-            secs = interleaved({label: step for label, (_, step) in steps.items()}, device, max(args.repeats, 2))
+            secs = median_seconds({label: step for label, (_, step) in steps.items()}, device, max(args.repeats, 2))
             for label, (model, step) in steps.items():
                 _, peak = peak_memory(step, device)
                 sec, dense = secs[label], secs["dense"]

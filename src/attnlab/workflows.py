@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from .config import from_dict
+from .data.text import read_text
 from .errors import UserError, require_file
 from .models.lm import LM, LMConfig
 from .training import OptimConfig, TrainConfig, train
@@ -49,8 +50,6 @@ def _tokenizer_for(data: DataConfig, out: Path | None, fresh: bool):
         return load_tokenizer(tok_dir)
     text = None
     if data.tokenizer != "byte":
-        from .data.text import read_text
-
         text = read_text(data.path)
     tok = build_tokenizer(data.tokenizer, text, vocab_size=data.bpe_vocab_size)
     if tok_dir is not None:

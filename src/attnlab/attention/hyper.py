@@ -472,10 +472,11 @@ def _rect(q, k, v, mask, ctx):
         biases.append(torch.full(ok.shape, log_w, dtype=wide, device=dev).masked_fill_(~ok, float("-inf")))
     # One softmax over [own block ; residual keys], the residual weighted through the bias: the log-sum-exp
     # merge of the parts, fused into a single kernel call (longer key rows also run faster than two calls).
-    rows = max(x.shape[2] for x in biases)
-    bias = torch.cat([x.expand(b * hkv, nb, rows, x.shape[-1]) for x in biases], dim=-1) if len(biases) > 1 else None
-    if bias is None and blk_mask is not None:
-        bias = biases[0]
+    if len(biases) > 1:
+        rows = max(x.shape[2] for x in biases)
+        bias = torch.cat([x.expand(b * hkv, nb, rows, x.shape[-1]) for x in biases], dim=-1)
+    else:  # the own block alone: its all-zero bias would only slow the kernel down
+        bias = None if blk_mask is None else biases[0]
     acc = attention_lse(qb, torch.cat(keys, dim=2) if len(keys) > 1 else keys[0],
                         torch.cat(values, dim=2) if len(values) > 1 else values[0], scale=ctx.scale, bias=bias)
 

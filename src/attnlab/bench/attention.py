@@ -34,6 +34,7 @@ import torch
 from ..attention import build_kernel, kernels
 from ..attention.hyper import attention_layers
 from ..errors import UserError
+from .measure import clock, mean_std, sync
 from .memory import peak_memory
 
 PRESCORE_METHODS = ["kmeans", "kmedian", "leverage", "norm"]
@@ -181,19 +182,14 @@ def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float((o.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, repeats, device, clock="wall"):
-    now = time.process_time if clock == "cpu" else time.perf_counter
+def _timed(fn, repeats, device, clock_kind="wall"):
+    now = clock(clock_kind, device)
     best, out = math.inf, None
     for _ in range(max(1, repeats)):
-        _sync(device)
+        sync(device)
         t0 = now()
         out = fn()
-        _sync(device)
+        sync(device)
         best = min(best, now() - t0)
     return best, out
 
@@ -383,7 +379,7 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
                             padded.append(_padded_rows_errors(masked[s], (o, lse), (ref, ref_lse)))
                     row = {"source": label, "n": q.shape[2], "mode": mode, "variant": var.label,
                            "mean_logit_offset": offset, "logit_offset_sd": offset_sd,
-                           **_mean_std("rel_err", errs), "seeds": len(errs)}
+                           **dict(zip(("rel_err_mean", "rel_err_std"), mean_std(errs))), "seeds": len(errs)}
                     if padded:
                         # Same seed, same draws: the outputs differ exactly on the queries whose block had padding.
                         for i, key in enumerate(("padded_rows_share", "rel_err_padded_rows_masked",
@@ -397,11 +393,6 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
                            f"{row['lse_err_padded_rows_masked']:.4g} / zero-pad {row['lse_err_padded_rows_zero_pad']:.4g}"
                            if padded else ""))
     return rows
-
-
-def _mean_std(name, xs):
-    mean = sum(xs) / len(xs)
-    return {f"{name}_mean": mean, f"{name}_std": math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))}
 
 
 def _padded_rows_errors(masked, zero, exact):

@@ -8,7 +8,6 @@ test recall. Models take them as `model(x, y, loss_mask=loss_mask)`.
 
 from __future__ import annotations
 
-
 import torch
 
 from attnlab.errors import UserError

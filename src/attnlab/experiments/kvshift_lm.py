@@ -16,6 +16,7 @@ import torch
 
 from ..attention import AttentionSpec
 from ..attention.kv_shift import KVShift
+from ..bench.measure import mean_std
 from ..data import TextCorpus, build_tokenizer, read_text
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
@@ -98,10 +99,6 @@ class KVShiftLMConfig(ExperimentConfig):
     ablation_seeds: int = 3  # how many of `seeds` the ablations run on
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 @experiment("kvshift-lm", KVShiftLMConfig, "KV shifting vs vanilla on a char/byte LM over seeds, with ablations")
 def run(cfg: KVShiftLMConfig, ctx) -> dict:
     if not cfg.data:
@@ -145,8 +142,8 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
     table = []
     for variant in ["vanilla", "kv_shift", *cfg.ablations]:
         mine = [r for r in runs if r["variant"] == variant]
-        mean, std = _mean_std([r["val_loss"] for r in mine])
-        dmean, dstd = _mean_std([r["val_loss"] - vanilla[r["seed"]] for r in mine])
+        mean, std = mean_std([r["val_loss"] for r in mine])
+        dmean, dstd = mean_std([r["val_loss"] - vanilla[r["seed"]] for r in mine])
         spread = len(mine) > 1  # one seed has no spread to show
         table.append({"variant": variant, "seeds": len(mine),
                       "val_loss": f"{mean:.4f} ± {std:.4f}" if spread else f"{mean:.4f}",

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..attention import AttentionSpec
 from ..attention.hyper import swapped_attention
 from ..bench.attention import BenchConfig, capture_qkv, error_rows, gaussian_qkv
+from ..bench.measure import paired_difference
 from ..data import TextCorpus, build_tokenizer
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
@@ -82,14 +83,6 @@ def _evaluate(model, windows, device) -> tuple[dict, list[float]]:
             tokens += y.numel()
     loss = sum(per) / len(per)  # equal-length windows: the mean over windows is the mean over bytes
     return {"loss": loss, "ppl": math.exp(loss), "forward_s": secs, "tokens": tokens}, per
-
-
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a − b over windows and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
-    return mean, math.sqrt(var / len(d))
 
 
 def _train(cfg: LongCtxConfig, ctx, corpus, tok):
@@ -169,11 +162,11 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     for layers in layer_choices:
         plain = next(r for r in rows if r["layers"] == layers and r["variant"] == "hyper")
         gap = plain["ppl"] - base["ppl"]
-        gap_loss, gap_se = _paired(per[(layers, "hyper")], per["exact"])
+        gap_loss, gap_se = paired_difference(per[(layers, "hyper")], per["exact"])
         for r in rows:
             if r["layers"] == layers and r["variant"].startswith("hyper+"):
                 share = (plain["ppl"] - r["ppl"]) / gap if gap > 0 else None
-                gain, gain_se = _paired(per[(layers, "hyper")], per[(layers, r["variant"])])
+                gain, gain_se = paired_difference(per[(layers, "hyper")], per[(layers, r["variant"])])
                 r["gap_recovered"] = share
                 gaps.append({"layers": layers, "method": r["variant"][6:], "ppl_exact": base["ppl"],
                              "ppl_hyper": plain["ppl"], "ppl_prescored": r["ppl"], "gap_recovered": share,
