@@ -146,6 +146,27 @@ def test_gradients_are_correct():
     assert t.alpha.grad is not None and t.alpha.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gradients_against_the_definition_in_the_models_memory_order(dtype, tol):
+    # In the model the projections are laid out [B, N, H, D] while the kernel's gradient arrives laid out
+    # [B, H, N, D]; gradcheck feeds gradients in the output's own order, so this order is checked here.
+    torch.manual_seed(0)
+    reset = torch.tensor([[False] * 7, [False, False, True, False, False, False, False], [False] * 7])
+    g = torch.randn(3, 2, 7, 4).to(dtype)
+    for window, rs in ((1, None), (2, None), (2, reset)):
+        proj = torch.randn(3, 7, 2, 4).to(dtype).requires_grad_(True)
+        coef = torch.randn(2, window + 1).to(dtype).requires_grad_(True)
+        allowed = None if rs is None else lag_allowed(rs, window)
+        _ShiftFn.apply(proj.transpose(1, 2), coef, None, allowed, window).backward(g)
+        # The definition, in float64 on the same (rounded) inputs.
+        ref_proj = proj.detach().double().requires_grad_(True)
+        ref_coef = coef.detach().double().requires_grad_(True)
+        naive_shift(ref_proj.transpose(1, 2), ref_coef, rs).backward(g.double())
+        for got, want in ((proj.grad, ref_proj.grad), (coef.grad, ref_coef.grad)):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize("window", [1, 3])
 def test_changing_a_token_changes_no_earlier_output(window):
     model = tiny_lm(window=window)

@@ -137,43 +137,49 @@ class KVShift(Transform):
         return torch.stack(cols + [torch.ones_like(allowed[0, :, n - 1])], dim=1)
 
 
-def _lag_weight(coef, allowed, j, dtype):
-    """Weight of lag j per target, broadcastable to [B, N, H, D]: [H, 1], or [B, N, H, 1] with resets."""
-    c = coef[:, j].to(dtype)[:, None]
-    return c if allowed is None else allowed[j - 1][:, :, None, None].to(dtype) * c
-
-
-def _rows(t, lo, hi):
-    return t if t.dim() == 2 else t[:, lo:hi]
+def _per_channel(coef, d, dtype):
+    """[H, w + 1] -> [w + 1, H, D]: each head's weight repeated over its channels. Against a full [H, D]
+    weight the (H, D) dims of every operand merge into one contiguous sweep; broadcasting one scalar per head
+    over D instead made the passes about 2× slower."""
+    return coef.t().to(dtype)[:, :, None].expand(-1, -1, d).contiguous()
 
 
 def _lag_spans(n, o, j):
-    """For lag j: targets [lo_x, n) read x[i − j]; targets [lo_p, hi_p) read the kept prev[o + i − j]."""
-    return j, max(0, j - o), min(j, n)
+    """Rows of lag j: (targets, source, source rows). Targets [j, n) read x[i − j]; targets before j read the
+    kept `prev` (o rows, the last at o − 1), as far as it reaches."""
+    if n > j:
+        yield slice(j, n), "x", slice(0, n - j)
+    lo, hi = max(0, j - o), min(j, n)
+    if o and lo < hi:
+        yield slice(lo, hi), "p", slice(o + lo - j, o + hi - j)
+
+
+def _masked(t, allowed, j, rows):
+    """t: [B, r, H, D] rows feeding `rows` targets; zero where lag j crosses a reset there."""
+    return t if allowed is None else t * allowed[j - 1, :, rows, None, None].to(t.dtype)
 
 
 class _ShiftFn(torch.autograd.Function):
     """out_i = c_0·x_i + Σ_j c_j·m_j(i)·x_{i−j} (x_{i−j} from `prev` before the call, zero before that).
 
     Hand-written so that each lag costs one fused multiply-add over the sequence in either direction and no
-    padded copy is made: the transform is memory-bound, so its overhead is the number of passes over k and v.
-    Inputs are [B, H, N, D] views of projections laid out [B, N, H, D]; the work runs in that memory order
-    (sequence as dim 1), where every pass is a plain contiguous sweep.
+    padded copy is made: the transform is memory-bound, so its cost is the number of passes over k and v and
+    the buffers it allocates. Everything runs on [B, N, H, D] views (sequence as dim 1), whatever the memory
+    order of the projections and of the incoming gradient, so that no operand is ever copied into another
+    order; outputs are laid out [B, N, H, D], the order of the projections that feed the shift.
     """
 
     @staticmethod
     def forward(ctx, x, coef, prev, allowed, w):
-        xs = x.transpose(1, 2)
-        ps = None if prev is None else prev.transpose(1, 2)
-        n, o = xs.shape[1], 0 if ps is None else ps.shape[1]
-        out = xs * coef[:, 0].to(x.dtype)[:, None]
+        xv = x.transpose(1, 2)
+        src = {"x": xv, "p": None if prev is None else prev.transpose(1, 2)}
+        o = 0 if prev is None else prev.shape[2]
+        cc = _per_channel(coef, x.shape[3], x.dtype)
+        out = torch.empty_like(xv, memory_format=torch.contiguous_format)
+        torch.mul(xv, cc[0], out=out)
         for j in range(1, w + 1):
-            wj = _lag_weight(coef, allowed, j, x.dtype)
-            lo_x, lo_p, hi_p = _lag_spans(n, o, j)
-            if n > lo_x:
-                out[:, lo_x:].addcmul_(xs[:, : n - j], _rows(wj, lo_x, n))
-            if ps is not None and lo_p < hi_p:
-                out[:, lo_p:hi_p].addcmul_(ps[:, o + lo_p - j: o + hi_p - j], _rows(wj, lo_p, hi_p))
+            for rows, which, srows in _lag_spans(xv.shape[1], o, j):
+                out[:, rows].addcmul_(_masked(src[which][:, srows], allowed, j, rows), cc[j])
         ctx.save_for_backward(x, coef, prev, allowed)
         ctx.w = w
         return out.transpose(1, 2)
@@ -182,58 +188,55 @@ class _ShiftFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, coef, prev, allowed = ctx.saved_tensors
-        # The gradient may arrive laid out [B, H, N, D] (from SDPA) while x is [B, N, H, D]: one copy into a
-        # common order turns every pass below into a contiguous sweep instead of a strided one.
-        xs, gs = x.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
-        ps = None if prev is None else prev.transpose(1, 2)
-        w, n, o = ctx.w, xs.shape[1], 0 if ps is None else ps.shape[1]
+        w, d = ctx.w, x.shape[3]
+        gv, xv = g.transpose(1, 2), x.transpose(1, 2)
+        pv = None if prev is None else prev.transpose(1, 2)
+        o = 0 if prev is None else prev.shape[2]
         need_x, need_c, need_p = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(g.dtype, torch.float32)  # sums over B·N·D terms: never in half precision
-        gc, spare = _coef_grad(gs, xs, allowed, w, acc) if need_c else (None, None)
-        gx = None
-        if need_x:  # the products' buffer is free again: reusing it spares a fresh allocation
-            out = spare.view_as(gs) if spare is not None and spare.dtype == g.dtype else None
-            gx = torch.mul(gs, coef[:, 0].to(g.dtype)[:, None], out=out)
-        gp = torch.zeros_like(ps) if need_p else None
+        # One buffer serves the scalar gradients' products and then the input gradient, which the projection's
+        # backward would otherwise have to copy out of the gradient's [B, H, N, D] order: the shift allocates
+        # no more in backward than vanilla attention does.
+        buf = torch.empty(gv.shape, dtype=g.dtype, device=g.device) if need_x or need_c else None
+        gc = _coef_grad(gv, xv, pv, allowed, w, buf) if need_c else None
+        cc = _per_channel(coef, d, g.dtype)
+        grads = {"x": torch.mul(gv, cc[0], out=buf) if need_x else None,
+                 "p": torch.zeros_like(pv) if need_p else None}
         for j in range(1, w + 1):
-            wj = _lag_weight(coef, allowed, j, g.dtype)
-            lo_x, lo_p, hi_p = _lag_spans(n, o, j)
-            if need_x and n > lo_x:
-                gx[:, : n - j].addcmul_(gs[:, lo_x:], _rows(wj, lo_x, n))
-            if ps is None or lo_p >= hi_p:
-                continue
-            src = slice(o + lo_p - j, o + hi_p - j)
-            if need_p:
-                gp[:, src].addcmul_(gs[:, lo_p:hi_p], _rows(wj, lo_p, hi_p))
-            if need_c:
-                prod = gs[:, lo_p:hi_p] * ps[:, src]
-                if allowed is not None:
-                    prod = prod * allowed[j - 1, :, lo_p:hi_p, None, None].to(prod.dtype)
-                gc[:, j] += prod.sum(dim=(0, 1, 3), dtype=acc)
+            for rows, which, srows in _lag_spans(gv.shape[1], o, j):
+                if grads[which] is not None:
+                    grads[which][:, srows].addcmul_(_masked(gv[:, rows], allowed, j, rows), cc[j])
+        gc = None if gc is None else gc.view(w + 1, -1, d).sum(-1).t().to(coef.dtype)
         t = lambda a: None if a is None else a.transpose(1, 2)  # noqa: E731
-        return t(gx), None if gc is None else gc.to(coef.dtype), t(gp), None, None
+        return t(grads["x"]), gc, t(grads["p"]), None, None
 
 
-def _coef_grad(gs, xs, allowed, w, acc):
-    """Σ over batch, targets i and channels of g_i · x_{i−j} (masked by `allowed`; x within the call only) as
-    [H, w + 1], and the scratch buffer of the products.
+def _coef_grad(gv, xv, pv, allowed, w, buf):
+    """Σ over batch, targets i and channels of g_i · x_{i−j} (masked by `allowed`) as [w + 1, H·D] column
+    sums. gv, xv: [B, N, H, D] views; buf: a [B, N, H, D] contiguous scratch of g's dtype.
 
-    Batch and sequence are flattened into one token axis, so lag j pairs token rows t and t − j of two
-    [B·N, H·D] matrices; a weight per target row (zero across a sequence start or a reset) then reduces the
-    rows in one matrix-vector product. Column sums are cheap where a reduction over (B, N, D) keeping H is not.
+    Products g_i · x_{i−j} land in token row i of the scratch, viewed as a [B·N, H·D] matrix; a weight per row
+    (zero for i < j, where the row holds the previous lag's leftovers, and across a reset) then reduces the
+    rows in one matrix-vector product. Column sums are cheap where a reduction over (B, N, D) keeping H is
+    not. Sums run in at least float32: they add up B·N·D terms.
     """
-    b, n, h, d = xs.shape
-    gf, xf = gs.view(b * n, h * d).to(acc), xs.view(b * n, h * d).to(acc)
-    prod = gf * xf
-    cols = [prod.sum(0)]
-    pos = torch.arange(n, device=xs.device)
+    b, n, h, d = xv.shape
+    acc = torch.promote_types(gv.dtype, torch.float32)
+    if buf.dtype != acc:  # half precision: products and sums in float32
+        gv, xv, buf = gv.to(acc), xv.to(acc), torch.empty(buf.shape, dtype=acc, device=buf.device)
+    flat = buf.view(b * n, h * d)
+    torch.mul(gv, xv, out=buf)
+    cols = [flat.sum(0)]
+    pos = torch.arange(n, device=xv.device)
     for j in range(1, w + 1):
-        if n <= j:
-            cols.append(prod.new_zeros(h * d))
-            continue
-        ok = (pos >= j).expand(b, n)
-        if allowed is not None:
-            ok = ok & allowed[j - 1]
-        torch.mul(gf[j:], xf[:-j], out=prod[j:])
-        cols.append(ok.reshape(-1)[j:].to(acc) @ prod[j:])
-    return torch.stack(cols, 1).view(h, d, w + 1).sum(1), prod
+        col = flat.new_zeros(h * d)
+        if n > j:
+            ok = (pos >= j).expand(b, n)
+            if allowed is not None:
+                ok = ok & allowed[j - 1]
+            torch.mul(gv[:, j:], xv[:, : n - j], out=buf[:, j:])
+            col += ok.reshape(-1).to(acc) @ flat
+        for rows, which, srows in _lag_spans(n, 0 if pv is None else pv.shape[1], j):
+            if which == "p":  # decoding only: a few rows against the kept tail
+                col += (_masked(gv[:, rows].to(acc), allowed, j, rows) * pv[:, srows].to(acc)).sum((0, 1)).flatten()
+        cols.append(col)
+    return torch.stack(cols)
