@@ -6,8 +6,11 @@ this process's CPU time (all its threads); on CUDA it is the wall clock, after a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -53,6 +56,36 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
             sync(device)
             times[label].append(now() - t0)
     return times
+
+
+def page_faults(fn: Callable[[], object], calls: int = 5) -> float:
+    """Median minor page faults per call of `fn` (a fault is a fresh page the kernel maps for the process)."""
+    import resource  # Unix only; imported here so the rest of the module works anywhere
+
+    counts = []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return statistics.median(counts)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory in the process instead of handing it back to the kernel.
+
+    glibc serves large blocks from fresh mappings and trims the top of its heap once enough is free, so a
+    training step can spend much of its system time re-faulting the same pages, and how much depends on the
+    heap's layout rather than on the work: two models in one process fault at very different rates that
+    change from run to run. With trimming off and large blocks kept in the heap, a step's time measures its
+    work. Applies to every allocation after the call; needs glibc.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mallopt = getattr(libc, "mallopt", None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit machines.
+    if (not sys.platform.startswith("linux") or mallopt is None
+            or not mallopt(m_mmap_threshold, 32 << 20) or not mallopt(m_trim_threshold, 1 << 30)):
+        raise UserError("keeping freed memory needs the GNU C library (Linux)")
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
