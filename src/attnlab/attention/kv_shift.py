@@ -220,6 +220,7 @@ def _coef_grad(gv, xv, pv, allowed, w, buf):
     not. Sums run in at least float32: they add up B·N·D terms.
     """
     b, n, h, d = xv.shape
+    o = 0 if pv is None else pv.shape[1]
     acc = torch.promote_types(gv.dtype, torch.float32)
     if buf.dtype != acc:  # half precision: products and sums in float32
         gv, xv, buf = gv.to(acc), xv.to(acc), torch.empty(buf.shape, dtype=acc, device=buf.device)
@@ -235,7 +236,7 @@ def _coef_grad(gv, xv, pv, allowed, w, buf):
                 ok = ok & allowed[j - 1]
             torch.mul(gv[:, j:], xv[:, : n - j], out=buf[:, j:])
             col += ok.reshape(-1).to(acc) @ flat
-        for rows, which, srows in _lag_spans(n, 0 if pv is None else pv.shape[1], j):
+        for rows, which, srows in _lag_spans(n, o, j):
             if which == "p":  # decoding only: a few rows against the kept tail
                 col += (_masked(gv[:, rows].to(acc), allowed, j, rows) * pv[:, srows].to(acc)).sum((0, 1)).flatten()
         cols.append(col)
