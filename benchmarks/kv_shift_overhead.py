@@ -101,11 +101,11 @@ def main(argv=None):
     print("| context | batch | clock | vanilla ms/step | KV-shift ms/step | ratio of medians | median paired ratio | "
           "ratio of means | ratio of minima | page faults/step, vanilla | page faults/step, KV-shift |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    faults = lambda n: "—" if n is None else f"{n:.0f}"  # noqa: E731  (not counted on CUDA)
     for r in rows:
         print(f"| {r['context']} | {r['batch']} | {r['clock']} | {r['vanilla_ms']:.1f} | {r['kv_shift_ms']:.1f} | {r['ratio']:.3f} | "
               f"{r['paired_ratio']:.3f} | {r['ratio_of_means']:.3f} | {r['ratio_of_minima']:.3f} | "
-              f"{r['vanilla_faults'] if r['vanilla_faults'] is not None else '—'} | "
-              f"{r['kv_shift_faults'] if r['kv_shift_faults'] is not None else '—'} |")
+              f"{faults(r['vanilla_faults'])} | {faults(r['kv_shift_faults'])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "args": vars(args), "rows": rows}, f, indent=2)
