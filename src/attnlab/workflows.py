@@ -18,7 +18,7 @@ from .models.lm import LM, LMConfig
 from .training import OptimConfig, TrainConfig, train
 from .training.checkpoint import load_weights, read_config, resolve_checkpoint
 from .training.device import autocast, resolve_device
-from .training.tasks import SyntheticConfig, SyntheticTask, TextLMTask
+from .tasks import SyntheticConfig, SyntheticTask, TextLMTask
 
 
 @dataclass

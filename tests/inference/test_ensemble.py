@@ -103,7 +103,7 @@ def test_dense_mode_is_exact_single_pass_and_k_is_ignored():
 
 def test_metrics_on_text_and_synthetic_tasks(tmp_path):
     from attnlab.data import ByteTokenizer, TextCorpus
-    from attnlab.training.tasks import SyntheticConfig, SyntheticTask, TextLMTask
+    from attnlab.tasks import SyntheticConfig, SyntheticTask, TextLMTask
 
     model = tiny_lm()
     text = tmp_path / "t.txt"

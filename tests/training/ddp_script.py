@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from attnlab.models.lm import LM, LMConfig
 from attnlab.training import OptimConfig, TrainConfig, train
-from attnlab.training.tasks import SyntheticConfig, SyntheticTask
+from attnlab.tasks import SyntheticConfig, SyntheticTask
 
 out = Path(sys.argv[1])
 torch.manual_seed(0)  # identical initial replicas, as DDP expects

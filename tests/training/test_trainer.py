@@ -13,7 +13,7 @@ from attnlab.models.lm import LM, LMConfig
 from attnlab.training import OptimConfig, TrainConfig, train
 from attnlab.training.checkpoint import list_checkpoints, load_weights, resolve_checkpoint
 from attnlab.training.logging import read_jsonl
-from attnlab.training.tasks import SyntheticConfig, SyntheticTask
+from attnlab.tasks import SyntheticConfig, SyntheticTask
 
 TINY = dict(vocab_size=32, n_layer=1, n_head=2, d_model=32, max_seq_len=32, dropout=0.1)
 
@@ -104,7 +104,7 @@ def test_unknown_early_stop_metric_is_refused():
 
 def test_training_with_accumulation_learns_a_text(tmp_path):
     from attnlab.data import ByteTokenizer, TextCorpus
-    from attnlab.training.tasks import TextLMTask
+    from attnlab.tasks import TextLMTask
 
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -10,7 +10,7 @@ from ..attention import AttentionSpec, kernels, transforms
 from ..bench.memory import peak_memory
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
-from ..training.tasks import SyntheticConfig, SyntheticTask
+from ..tasks import SyntheticConfig, SyntheticTask
 from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 
 

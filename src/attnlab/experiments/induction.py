@@ -15,7 +15,7 @@ from ..attention import AttentionSpec
 from ..errors import UserError
 from ..models.lm import LMConfig
 from ..training import OptimConfig, TrainConfig, train
-from ..training.tasks import SyntheticConfig, SyntheticTask
+from ..tasks import SyntheticConfig, SyntheticTask
 from .kvshift_lm import paired_lm, shift_coefficients
 from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 

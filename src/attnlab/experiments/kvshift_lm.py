@@ -21,7 +21,7 @@ from ..data import TextCorpus, build_tokenizer, read_text
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
-from ..training.tasks import TextLMTask
+from ..tasks import TextLMTask
 from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 
 # Variant name -> transform options ("vanilla" has no transform).

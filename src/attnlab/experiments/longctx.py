@@ -33,7 +33,7 @@ from ..data import TextCorpus, build_tokenizer
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
-from ..training.tasks import TextLMTask
+from ..tasks import TextLMTask
 from .runner import ExperimentConfig, experiment, line_plot
 
 PRESCORE = ["kmeans", "kmedian", "leverage", "norm"]

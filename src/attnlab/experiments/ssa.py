@@ -28,7 +28,7 @@ from ..inference.ensemble import attention_mode, evaluate_lm
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
 from ..training.device import autocast
-from ..training.tasks import TextLMTask
+from ..tasks import TextLMTask
 from .runner import ExperimentConfig, experiment, line_plot, markdown_table
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from .trainer import batch_generator
+from ..training.trainer import batch_generator
 
 _EVAL_SEED_OFFSET = 7_919_000  # evaluation batches come from seeds training never uses
 
