@@ -23,7 +23,7 @@ import torch
 from attnlab.attention import AttentionSpec
 from attnlab.bench.measure import CLOCKS, clock, interleaved, keep_freed_memory, page_faults
 from attnlab.errors import UserError
-from attnlab.experiments.kvshift_lm import paired_lm
+from attnlab.run.build import build_model
 from attnlab.models.lm import LMConfig
 from attnlab.training.device import autocast, resolve_device
 from attnlab.training.trainer import OptimConfig, make_optimizer
@@ -50,7 +50,7 @@ def measure(context: int, args, device, amp) -> dict:
                        max_seq_len=context, attention=AttentionSpec(transform=tf,
                                                                     transform_options={"window": args.window}
                                                                     if tf != "none" else {}))
-        models[name] = paired_lm(cfg, seed=0).to(device).train()
+        models[name] = build_model(cfg, 0, paired=True).to(device).train()
     x = torch.randint(0, args.vocab, (batch, context), device=device)
     steps = {name: make_step(m, x, device, amp) for name, m in models.items()}
     times = interleaved(steps, args.rounds, device, clock_kind=args.clock, warmup=args.warmup, alternate=True)

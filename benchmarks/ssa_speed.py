@@ -32,7 +32,7 @@ import torch
 from attnlab.attention import build_kernel
 from attnlab.bench.measure import interleaved
 from attnlab.bench.memory import peak_memory
-from attnlab.experiments.runner import markdown_table
+from attnlab.run.experiment import markdown_table
 from attnlab.models.lm import LM, LMConfig
 from attnlab.training.device import resolve_device
 from attnlab.training.trainer import OptimConfig, make_optimizer

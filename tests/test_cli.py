@@ -117,7 +117,7 @@ def test_console_script_exits_2_without_traceback(tmp_path):
 
 def test_list_names_every_mechanism_and_experiment(capsys):
     from attnlab.attention import kernels
-    from attnlab.experiments.runner import experiments
+    from attnlab.run.experiment import experiments
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -8,8 +8,10 @@ import torch
 from attnlab.attention import AttentionSpec
 from attnlab.cli import main
 from attnlab.errors import UserError
-from attnlab.experiments.kvshift_lm import KVShiftLMConfig, paired_lm, shift_coefficients, table4_counts
-from attnlab.experiments.runner import run_experiment
+from attnlab.experiments.kvshift_lm import KVShiftLMConfig, table4_counts
+from attnlab.run.build import build_model
+from attnlab.run.inspect import shift_coefficients
+from attnlab.run.experiment import run_experiment
 from attnlab.models.lm import LMConfig
 
 
@@ -57,9 +59,9 @@ def test_kvshift_lm_needs_data(tmp_path):
 
 def test_variants_of_a_seed_share_their_initial_weights():
     base = LMConfig(vocab_size=16, n_layer=2, n_head=2, d_model=16, max_seq_len=16)
-    vanilla = paired_lm(base, seed=3)
-    shifted = paired_lm(LMConfig(**{**base.__dict__, "attention": AttentionSpec(transform="kv_shift")}), seed=3)
-    other = paired_lm(base, seed=4)
+    vanilla = build_model(base, 3, paired=True)
+    shifted = build_model(LMConfig(**{**base.__dict__, "attention": AttentionSpec(transform="kv_shift")}), 3, paired=True)
+    other = build_model(base, 4, paired=True)
     sv, ss = vanilla.state_dict(), shifted.state_dict()
     assert set(ss) - set(sv) == {f"blocks.{i}.attn.transform.{p}" for i in range(2) for p in ("alpha", "beta")}
     assert all(torch.equal(sv[k], ss[k]) for k in sv)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnlab.experiments.parallel import ParallelConfig, build_models, crossing, fit_exponent
-from attnlab.experiments.runner import run_experiment
+from attnlab.run.experiment import run_experiment
 
 
 def test_fit_exponent_recovers_a_power_law():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnlab.data.parallel import NumberTaskConfig
-from attnlab.experiments.runner import run_experiment
+from attnlab.run.experiment import run_experiment
 from attnlab.experiments.translate import TranslateConfig, paper_optim, translation_scores
 from attnlab.models.seq2seq import Seq2SeqConfig
 from attnlab.training.schedules import lr_at

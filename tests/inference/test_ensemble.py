@@ -13,7 +13,6 @@ from attnlab.errors import UserError
 from attnlab.inference.ensemble import (
     attention_mode,
     ensemble_classify,
-    ensemble_lm_metrics,
     ensemble_log_probs,
     evaluate_lm,
 )
@@ -99,26 +98,6 @@ def test_dense_mode_is_exact_single_pass_and_k_is_ignored():
     assert dense["loss"] == pytest.approx(loss.item(), rel=1e-5)
     one = evaluate_lm(model, [(x, y)], mode="sample", k=1, seed=0)
     assert one["loss"] != pytest.approx(evaluate_lm(model, [(x, y)], mode="dense")["loss"], rel=1e-6)
-
-
-def test_metrics_on_text_and_synthetic_tasks(tmp_path):
-    from attnlab.data import ByteTokenizer, TextCorpus
-    from attnlab.tasks import SyntheticConfig, SyntheticTask, TextLMTask
-
-    model = tiny_lm()
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    corpus = TextCorpus(text, ByteTokenizer(), cache_dir=tmp_path / "cache")
-    lm_model = LM(LMConfig(vocab_size=corpus.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=32,
-                           attention=model.cfg.attention))
-    task = TextLMTask(corpus, 32, 4)
-    m = ensemble_lm_metrics(lm_model, task, k=3, batches=2, seed=1, mode="sample")
-    assert m["tokens"] > 0 and math.isfinite(m["loss"]) and m["k"] == 3
-    syn = SyntheticTask(SyntheticConfig(kind="induction", vocab_size=16, seq_len=32, eval_batches=2), 4)
-    s = ensemble_lm_metrics(model, syn, k=2, seed=1)
-    assert 0.0 <= s["accuracy"] <= 1.0 and math.isfinite(s["loss"])
-    with pytest.raises(UserError):
-        ensemble_lm_metrics(model, object(), k=2)
 
 
 class TinyClassifier(torch.nn.Module):

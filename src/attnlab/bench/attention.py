@@ -34,6 +34,7 @@ import torch
 from ..attention import build_kernel, kernels
 from ..attention.hyper import attention_layers
 from ..errors import UserError
+from ..run.experiment import ExperimentConfig, experiment
 from .measure import clock, mean_std, sync
 from .memory import peak_memory
 
@@ -41,7 +42,7 @@ PRESCORE_METHODS = ["kmeans", "kmedian", "leverage", "norm"]
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(ExperimentConfig):
     out: str = "runs/bench_attention"
     mechanisms: list[str] = field(default_factory=list)  # registered kernels to run; empty: all of them
     options: dict[str, dict] = field(default_factory=dict)  # per kernel options; default: the kernel's defaults
@@ -311,12 +312,11 @@ def capture_qkv(model, idx: torch.Tensor, layer: int = -1):
 
 def captured_from_checkpoint(cfg: BenchConfig, device):
     """q, k, v of one layer of a trained attnlab LM reading `capture_len` tokens of validation text."""
-    from ..workflows import DataConfig, _run_dir, _tokenizer_for, load_lm
-    from ..config import from_dict
     from ..data.text import TextCorpus
+    from ..run.load import load_run
 
-    model, record, ckpt = load_lm(cfg.checkpoint)
-    data = from_dict(DataConfig, record.get("run", {}).get("data"), "checkpoint data config")
+    run = load_run(cfg.checkpoint)
+    model, data = run.model, run.data
     path = cfg.text or data.path
     if not path:
         raise UserError("pass --text: the checkpoint does not name the text it was trained on")
@@ -325,8 +325,7 @@ def captured_from_checkpoint(cfg: BenchConfig, device):
         if model.cfg.pos != "rope":
             raise UserError(f"capture_len {n} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
         model.cfg.max_seq_len = n  # rotary positions have no table: longer inputs only leave the trained range
-    tok = _tokenizer_for(data, _run_dir(ckpt), fresh=False)
-    corpus = TextCorpus(path, tok, val_fraction=data.val_fraction)
+    corpus = TextCorpus(path, run.tokenizer, val_fraction=data.val_fraction)
     split = "val" if len(corpus.val) > n else "train"
     x, _ = next(corpus.eval_windows(split, n, 1))
     model.to(device).eval()
@@ -470,11 +469,11 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def bench_attention(cfg: BenchConfig) -> Path:
-    """Run the benchmark; writes speed.csv, errors.csv, time.png, memory.png, report.md and summary.json to
-    cfg.out and returns that folder."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+@experiment("attention", BenchConfig, "forward time, peak memory and error against exact of every attention mechanism",
+            kind="benchmark")
+def bench_attention(cfg: BenchConfig, ctx) -> dict:
+    """Run the benchmark; writes speed.csv, errors.csv, time.png, memory.png and report.md to ctx.out."""
+    out = ctx.out
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -527,8 +526,5 @@ def bench_attention(cfg: BenchConfig) -> Path:
                                   "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad",
                                   "lse_err_padded_rows_masked", "lse_err_padded_rows_zero_pad"])]
     (out / "report.md").write_text("\n\n".join(parts) + "\n")
-    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
-               "wall_s": round(time.time() - t0, 1), "speed": speed, "errors": errors}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {out}/report.md")
-    return out
+    return {"threads": torch.get_num_threads(), "speed": speed, "errors": errors}

@@ -68,3 +68,16 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     with tracker:
         result = fn()
     return result, tracker.peak
+
+
+def training_step_peak(model: torch.nn.Module, task, device) -> float:
+    """Peak tensor memory (MB) of one training forward + backward on the task's first batch, the weights
+    excluded."""
+    batch = task.batch(0, 0, 0, device)
+
+    def step():
+        model.train()
+        task.loss(model, batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+
+    return peak_memory(step, device)[1] / 2**20

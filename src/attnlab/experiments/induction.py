@@ -16,8 +16,10 @@ from ..errors import UserError
 from ..models.lm import LMConfig
 from ..training import OptimConfig, TrainConfig, train
 from ..tasks import SyntheticConfig, SyntheticTask
-from .kvshift_lm import paired_lm, shift_coefficients
-from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+from ..run.build import build_model
+from ..run.inspect import shift_coefficients
+from ..report import line_plot, markdown_table
+from ..run.experiment import ExperimentConfig, experiment
 
 
 @dataclass
@@ -80,7 +82,7 @@ def run(cfg: InductionConfig, ctx) -> dict:
                                      transform_options=dict(cfg.kv_shift) if variant == "kv_shift" else {})
                 mcfg = LMConfig(vocab_size=cfg.vocab_size, n_layer=n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
                                 max_seq_len=cfg.seq_len, pos="rope", attention=spec)
-                model = paired_lm(mcfg, cfg.seed)
+                model = build_model(mcfg, cfg.seed, paired=True)
                 task = SyntheticTask(scfg, cfg.batch_size, seed=cfg.seed)
                 tcfg = TrainConfig(steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
                                    log_every=25, seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype,

@@ -15,14 +15,16 @@ from typing import Literal
 import torch
 
 from ..attention import AttentionSpec
-from ..attention.kv_shift import KVShift
 from ..bench.measure import mean_std
 from ..data import TextCorpus, build_tokenizer, read_text
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
 from ..tasks import TextLMTask
-from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+from ..run.build import build_model
+from ..run.inspect import shift_coefficients
+from ..report import line_plot, markdown_table
+from ..run.experiment import ExperimentConfig, experiment
 
 # Variant name -> transform options ("vanilla" has no transform).
 VARIANTS: dict[str, dict | None] = {
@@ -32,42 +34,6 @@ VARIANTS: dict[str, dict | None] = {
     "v_only": {"shift": "v"},
     "window2": {"window": 2},
 }
-
-
-def paired_lm(cfg: LMConfig, seed: int) -> LM:
-    """An LM whose weights are those of the vanilla LM built from `seed`, plus its transform's own scalars.
-
-    Building the transform draws random numbers, which would shift every later layer's initial weights; copying
-    the vanilla weights in keeps a seed's variants identical except for the mechanism under test.
-    """
-    torch.manual_seed(seed)
-    base = LM(replace(cfg, attention=replace(cfg.attention, transform="none", transform_options={})))
-    torch.manual_seed(seed)
-    model = LM(cfg)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    extra = [k for k in missing if not isinstance(model.get_submodule(k.rsplit(".", 1)[0]), KVShift)]
-    if extra or unexpected:
-        raise RuntimeError(f"paired init: unexpected differences {extra + list(unexpected)}")
-    return model
-
-
-def shift_coefficients(model: torch.nn.Module) -> list[dict]:
-    """One row per (layer, KV head) with the learned mixing weights: alpha_0 (own key), alpha_1 (previous
-    key), …, and beta_j likewise for values. The paper's α1, α2 are our alpha_0, alpha_1."""
-    rows = []
-    layer = 0
-    for m in model.modules():
-        if not isinstance(m, KVShift):
-            continue
-        coefs = {name: c.detach().float().cpu() for name, c in m.coefficients().items()}
-        n_heads = next(iter(coefs.values())).shape[0]
-        for h in range(n_heads):
-            row = {"layer": layer, "head": h}
-            for name, c in coefs.items():
-                row.update({f"{name}_{j}": float(c[h, j]) for j in range(c.shape[1])})
-            rows.append(row)
-        layer += 1
-    return rows
 
 
 def table4_counts(rows: list[dict]) -> dict[str, int]:
@@ -123,7 +89,7 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
         spec = AttentionSpec(transform="none" if opts is None else "kv_shift", transform_options=dict(opts or {}))
         mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
                         max_seq_len=cfg.seq_len, attention=spec)
-        model = paired_lm(mcfg, seed)
+        model = build_model(mcfg, seed, paired=True)
         task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=seed, eval_batches=cfg.eval_batches)
         tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
                            seed=seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False,

@@ -34,7 +34,8 @@ from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
 from ..tasks import TextLMTask
-from .runner import ExperimentConfig, experiment, line_plot
+from ..report import line_plot
+from ..run.experiment import ExperimentConfig, experiment
 
 PRESCORE = ["kmeans", "kmedian", "leverage", "norm"]
 
@@ -102,9 +103,10 @@ def _train(cfg: LongCtxConfig, ctx, corpus, tok):
 
 
 def _load(cfg: LongCtxConfig, tok):
-    from ..workflows import load_lm
+    from ..run.load import load_run
 
-    model, _, ckpt = load_lm(cfg.checkpoint)
+    run = load_run(cfg.checkpoint)
+    model, ckpt = run.model, run.ckpt
     if model.cfg.vocab_size != tok.vocab_size:
         raise UserError(f"{ckpt} is not a byte-level model (vocabulary {model.cfg.vocab_size})")
     if cfg.context > model.cfg.max_seq_len:

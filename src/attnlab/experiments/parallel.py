@@ -22,7 +22,8 @@ import torch
 
 from ..models.lm import LM, LMConfig
 from ..models.rnn import LSTMLM, LSTMLMConfig, match_lstm_width
-from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+from ..report import line_plot, markdown_table
+from ..run.experiment import ExperimentConfig, experiment
 
 TABLE1 = [
     {"layer": "self-attention", "complexity per layer": "O(n²·d)", "sequential operations": "O(1)",

@@ -29,7 +29,8 @@ from ..models.lm import LM, LMConfig
 from ..training import OptimConfig, TrainConfig, train
 from ..training.device import autocast
 from ..tasks import TextLMTask
-from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+from ..report import line_plot, markdown_table
+from ..run.experiment import ExperimentConfig, experiment
 
 
 @dataclass

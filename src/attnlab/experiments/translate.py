@@ -28,7 +28,8 @@ from ..training.average import average_checkpoints
 from ..training.checkpoint import list_checkpoints, load_weights, resolve_checkpoint
 from ..training.losses import label_smoothed_loss, smoothed_target_entropy
 from ..training.schedules import noam_peak_lr
-from .runner import ExperimentConfig, experiment, line_plot, markdown_table
+from ..report import line_plot, markdown_table
+from ..run.experiment import ExperimentConfig, experiment
 
 
 def translation_scores(hyps: list[str], refs: list[str]) -> dict[str, float]:

@@ -10,14 +10,16 @@ Entry points:
 - `attention_mode(model, mode)`: context manager that switches every kernel and restores each one after.
 - `ensemble_log_probs(fn, k)`: log of the averaged probabilities of K calls of `fn() -> logits`.
 - `ensemble_classify(model, *inputs, k=...)`: averaged class probabilities of a classifier.
-- `evaluate_lm(model, batches, mode=..., k=...)`: loss / perplexity / accuracy of an LM under a mode.
-- `ensemble_lm_metrics(model, task, k=...)`: the same on a trainer task's validation windows (`attnlab eval`).
+- `evaluate_lm(model, batches, mode=..., k=...)`: loss / perplexity / accuracy of an LM under a mode: the one
+  mean loss over windows that tasks, `attnlab eval` and experiments use (`attnlab.run.evaluate` wraps it).
+- `mean_probability(log_probs)`: the averaging itself, for callers that hold per-pass log-probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -60,25 +62,32 @@ class EnsembleOutput:
     passes: torch.Tensor  # [...] how many passes each position averaged (0: none was finite)
 
 
+def mean_probability(log_probs: list[torch.Tensor]) -> EnsembleOutput:
+    """log of the mean probability over passes (each [..., C]; C may be 1 when only the targets' probabilities
+    are kept), leaving a pass out wherever any of its values at a position is non-finite."""
+    acc = count = None
+    for logp in log_probs:
+        ok = torch.isfinite(logp).all(dim=-1)
+        logp = torch.where(ok.unsqueeze(-1), logp, torch.full_like(logp, float("-inf")))
+        acc, count = (logp, ok.long()) if acc is None else (torch.logaddexp(acc, logp), count + ok.long())
+    mean = acc - torch.log(count.clamp(min=1).to(acc.dtype)).unsqueeze(-1)
+    mean = torch.where((count > 0).unsqueeze(-1), mean, torch.full_like(mean, float("nan")))
+    return EnsembleOutput(mean, count)
+
+
 def ensemble_log_probs(fn: Callable[[], torch.Tensor], k: int) -> EnsembleOutput:
     """Call `fn` K times (each call returns logits [..., C], or a tuple whose first item is) and average the
     probabilities; a pass with any non-finite logit at a position is left out there."""
     if k < 1:
         raise UserError(f"ensemble size must be at least 1, got {k}")
-    acc = count = None
-    for _ in range(k):
-        out = fn()
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        logp = F.log_softmax(logits.float(), dim=-1)
-        ok = torch.isfinite(logp).all(dim=-1)
-        logp = torch.where(ok.unsqueeze(-1), logp, torch.full_like(logp, float("-inf")))
-        if acc is None:
-            acc, count = logp, ok.long()
-        else:
-            acc, count = torch.logaddexp(acc, logp), count + ok.long()
-    mean = acc - torch.log(count.clamp(min=1).to(acc.dtype)).unsqueeze(-1)
-    mean = torch.where((count > 0).unsqueeze(-1), mean, torch.full_like(mean, float("nan")))
-    return EnsembleOutput(mean, count)
+
+    def passes():
+        for _ in range(k):
+            out = fn()
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            yield F.log_softmax(logits.float(), dim=-1)
+
+    return mean_probability(passes())
 
 
 @torch.no_grad()
@@ -115,14 +124,19 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable, *, mode: str | None =
     was = model.training
     model.eval()
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    nll = 0.0
+    nll, forward_s = 0.0, 0.0
     tokens = correct = dropped = 0
+    batch_losses = []  # mean loss of each batch: paired comparisons between settings on the same batches
     try:
         with attention_mode(model, mode), _seeded(seed, device):
             for item in batches:
                 x, y, loss_mask = _as_batch(item)
                 x, y = x.to(device), y.to(device)
+                t0 = time.perf_counter()
                 ens = ensemble_log_probs(lambda: model(x), k)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                forward_s += time.perf_counter() - t0
                 keep = ens.passes > 0
                 if loss_mask is not None:
                     keep &= loss_mask.to(device)
@@ -130,7 +144,9 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable, *, mode: str | None =
                 else:
                     dropped += int((ens.passes == 0).sum())
                 logp = ens.log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-                nll -= float(logp[keep].double().sum())
+                batch_nll = -float(logp[keep].double().sum())
+                nll += batch_nll
+                batch_losses.append(batch_nll / max(int(keep.sum()), 1))
                 correct += int((ens.log_probs.argmax(-1) == y)[keep].sum())
                 tokens += int(keep.sum())
     finally:
@@ -139,20 +155,4 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable, *, mode: str | None =
         raise UserError("ensemble evaluation scored no tokens (no batches, or every pass was non-finite)")
     loss = nll / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / tokens, "tokens": tokens,
-            "k": k, "mode": mode, "dropped_tokens": dropped}
-
-
-def task_eval_batches(task, *, split: str = "val", batches: int | None = None):
-    """The validation batches a trainer task evaluates on: contiguous windows of a text task's corpus, or a
-    synthetic task's fixed evaluation batches."""
-    if hasattr(task, "eval_batches"):
-        return task.eval_batches(split, batches)
-    raise UserError(f"cannot find evaluation batches in {type(task).__name__}; pass batches to evaluate_lm")
-
-
-def ensemble_lm_metrics(model: torch.nn.Module, task, *, k: int, split: str = "val", batches: int | None = None,
-                        device=None, mode: str | None = None, seed: int | None = None) -> dict:
-    """Self-ensemble metrics of an LM on a trainer task (what `attnlab eval --ensemble K` reports). mode None
-    keeps the kernels' modes as the caller set them (`attnlab eval` sets "sample" for ensembles)."""
-    return evaluate_lm(model, task_eval_batches(task, split=split, batches=batches), mode=mode, k=k, seed=seed,
-                       device=device)
+            "k": k, "mode": mode, "dropped_tokens": dropped, "forward_s": forward_s, "batch_losses": batch_losses}

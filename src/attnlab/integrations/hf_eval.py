@@ -23,7 +23,9 @@ import torch
 
 from ..attention.registry import kernel_entry
 from ..errors import UserError, require_file
-from ..inference.ensemble import attention_mode
+from ..bench.measure import sync
+from ..inference.ensemble import attention_mode, mean_probability
+from ..training.device import resolve_device
 from .hf import attention_modules, original_attention, patch_model, require_transformers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,37 +33,44 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class HFEvalConfig:
-    """model: a local checkpoint directory (config.json, weights, tokenizer files).
-    data: a UTF-8 text file to score. context: tokens per window. windows: how many windows to score
-    (0 = every full window in the file). batch_size: windows per forward pass.
-    attention/options/layers: the attnlab mechanism, its options (`attnlab list`) and where it runs
-    ("all", "first:N", "last:N", "odd", "even", "0,3,5"); the other layers keep the model's attention.
-    ensemble: > 0 runs that many subsampled passes per window and averages their probabilities (SSA's
-    self-ensemble; the patched kernels run in their "sample" mode). repeats: timed forward passes per
-    window and side (the median is kept). out: where to write the JSON result (none: print only).
-    """
+    """Score a text with a local transformers checkpoint, unpatched and patched."""
 
     model: str = ""
+    """a local checkpoint directory (config.json, weights, tokenizer files)"""
     data: str = ""
+    """a UTF-8 text file to score"""
     attention: str = "hyper"
+    """the attnlab mechanism patched in (`attnlab list`)"""
     options: dict[str, Any] = field(default_factory=dict)
+    """the mechanism's options, e.g. {"prescore": "kmeans", "top_k": 1024}"""
     layers: str = "all"
+    """where it runs: all, first:N, last:N, odd, even, or 0,3,5; the other layers keep the model's attention"""
     context: int = 4096
+    """tokens per window"""
     windows: int = 4
+    """how many windows to score (0: every full window in the file)"""
     batch_size: int = 1
+    """windows per forward pass"""
     ensemble: int = 0
+    """> 0: that many subsampled passes per window, probabilities averaged (SSA's self-ensemble; the patched
+    kernels run in their "sample" mode)"""
     repeats: int = 1
+    """timed forward passes per window and side (the median is kept)"""
     device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the dtype the model is loaded in"""
     seed: int = 0
+    """seed of stochastic mechanisms"""
     out: str | None = None
+    """where to write the JSON result (none: print only)"""
 
 
 def hf_eval(cfg: HFEvalConfig) -> dict:
     """Score `cfg.data` with the unpatched and the patched model; print a table, write JSON, return it."""
     _check(cfg)
     transformers = require_transformers()
-    device = _device(cfg.device)
+    device, _ = resolve_device(cfg.device, "float32")
     tokenizer, model = load_local(cfg.model, cfg.dtype, device)
     windows = token_windows(tokenizer, Path(cfg.data), cfg.context, cfg.windows)
     chosen = patch_model(model, cfg.attention, cfg.options, cfg.layers, decode="refuse")
@@ -202,26 +211,18 @@ def _score(model, batch, device, repeats, passes):
             times.append(dt)
         seconds += statistics.median(times)
         logps.append(_target_logprobs(logits, batch))
-    if passes == 1:
-        lp = logps[0]
-    else:
-        # Mean of the passes' probabilities, leaving a pass out where it gave a non-finite value (as
-        # attnlab.inference.ensemble does); only the targets' probabilities are needed, not the vocabulary's.
-        stacked = torch.stack(logps)
-        ok = torch.isfinite(stacked)
-        count = ok.sum(0)
-        if not bool((count > 0).all()):
-            raise UserError("every ensemble pass gave a non-finite probability at some position")
-        stacked = stacked.masked_fill(~ok, float("-inf"))
-        lp = torch.logsumexp(stacked, dim=0) - count.double().log()
+    ens = mean_probability([lp.unsqueeze(-1) for lp in logps])  # only the targets' probabilities are kept
+    if not bool((ens.passes > 0).all()):
+        raise UserError("every ensemble pass gave a non-finite probability at some position")
+    lp = ens.log_probs.squeeze(-1)
     return -float(lp.sum()), lp.numel(), seconds, batch.shape[0]
 
 
 def _forward(model, batch, device):
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits = model(input_ids=batch, use_cache=False).logits
-    _sync(device)
+    sync(device)
     return logits, time.perf_counter() - t0
 
 
@@ -235,23 +236,6 @@ def _target_logprobs(logits, batch, chunk=1024):
         tg = targets[:, s : s + lg.shape[1]]
         out.append(lg.gather(-1, tg[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))
     return torch.cat(out, dim=1).double()
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available")
-    return dev
 
 
 def _check(cfg: HFEvalConfig) -> None:

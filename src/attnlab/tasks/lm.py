@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from ..inference.ensemble import evaluate_lm
 from ..training.trainer import batch_generator
 
 _EVAL_SEED_OFFSET = 7_919_000  # evaluation batches come from seeds training never uses
@@ -38,16 +38,9 @@ class TextLMTask:
         for x, y in self.corpus.eval_windows(split, self.seq_len, self.batch_size, max_batches=n):
             yield {"x": x, "y": y}
 
-    @torch.no_grad()
     def evaluate(self, model, device):
-        total, count = 0.0, 0
-        for b in self.eval_batches():
-            x, y = b["x"], b["y"]
-            _, loss = model(x.to(device), y.to(device))
-            total += loss.item() * x.numel()
-            count += x.numel()
-        val = total / max(count, 1)
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        m = evaluate_lm(model, self.eval_batches(), mode=None, device=device)
+        return {"val_loss": m["loss"], "val_ppl": m["ppl"]}
 
 
 @dataclass
@@ -85,15 +78,6 @@ class SyntheticTask:
         for i in range(n):
             yield self._make(batch_generator(self.seed + _EVAL_SEED_OFFSET, i))
 
-    @torch.no_grad()
     def evaluate(self, model, device):
-        correct = scored = 0
-        loss_sum = 0.0
-        for b in self.eval_batches():
-            b = {k: v.to(device) for k, v in b.items()}
-            logits, loss = model(b["x"], b["y"], loss_mask=b["loss_mask"])
-            m = b["loss_mask"]
-            correct += (logits.argmax(-1)[m] == b["y"][m]).sum().item()
-            scored += m.sum().item()
-            loss_sum += loss.item()
-        return {"accuracy": correct / max(scored, 1), "val_loss": loss_sum / self.cfg.eval_batches}
+        m = evaluate_lm(model, self.eval_batches(), mode=None, device=device)
+        return {"accuracy": m["accuracy"], "val_loss": m["loss"]}

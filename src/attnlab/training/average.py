@@ -85,33 +85,3 @@ def average_checkpoints(paths, out) -> Path:
     meta["averaged_from"] = ",".join(str(f) for f in files)
     save_file(avg, str(o), metadata=meta)
     return o
-
-
-@dataclass
-class AverageConfig:
-    """Average checkpoints into one: list them (--inputs), or name a run folder and how many of its last."""
-
-    out: str = ""  # a .safetensors file, or a folder (it gets model.safetensors and config.json)
-    inputs: list[str] = field(default_factory=list)  # checkpoint folders or .safetensors files
-    run: str = ""  # a run folder: average its last `last` checkpoints
-    last: int = 5
-
-
-def run_average(cfg: AverageConfig) -> Path:
-    from .checkpoint import list_checkpoints
-
-    if not cfg.out:
-        raise UserError("--out is required")
-    if bool(cfg.inputs) == bool(cfg.run):
-        raise UserError("give either --inputs (checkpoints) or --run (a run folder), not both or neither")
-    paths = list(cfg.inputs)
-    if cfg.run:
-        if cfg.last < 1:
-            raise UserError(f"--last must be at least 1, got {cfg.last}")
-        found = list_checkpoints(Path(cfg.run).expanduser())
-        if not found:
-            raise UserError(f"no checkpoints in {cfg.run}/checkpoints")
-        paths = found[-cfg.last:]
-    out = average_checkpoints(paths, cfg.out)
-    print(f"averaged {len(paths)} checkpoints into {out}")
-    return out
