@@ -22,7 +22,7 @@ def run_list(_: ListConfig) -> None:
     from .attention import kernels, transforms
     from .experiments.runner import experiments
 
-    caps = ["causal", "noncausal", "mask", "kv_cache", "stochastic", "trainable"]
+    caps = ["causal", "noncausal", "mask", "kv_cache", "stochastic"]
     print("attention mechanisms (--model.attention.name):")
     print(f"  {'name':<10} " + " ".join(f"{c:<10}" for c in caps) + " description")
     for name, e in sorted(kernels().items()):

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..attention import build_kernel, kernels
-from ..attention.hyper import attention_layers
+from ..attention.swap import attention_layers
 from ..errors import UserError
 from .measure import clock, mean_std, sync
 from .memory import peak_memory
