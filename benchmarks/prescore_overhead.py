@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from attnlab.attention.hyper import HyperConfig, hyper_attention
-from attnlab.attention.prescore import METHODS
+from attnlab.attention.hyper.prescore import METHODS
 from attnlab.bench.measure import interleaved
 
 

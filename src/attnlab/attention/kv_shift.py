@@ -36,6 +36,10 @@ class KVShiftConfig:
     window: int = 1
     constraint: Literal["none", "sigmoid", "clamp"] = "none"
 
+    def __post_init__(self):
+        if self.window < 1:
+            raise UserError(f"kv_shift window must be at least 1, got {self.window}")
+
 
 def init_coefficients(n_heads: int, window: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """[n_heads, window + 1] mixing weights that sum to one per head, own-token weight ~ U(0, 1).
@@ -70,17 +74,15 @@ class KVShift(Transform):
     def __init__(self, config: KVShiftConfig | None = None, *, n_kv_head: int = 1, head_dim: int = 1):
         config = config or KVShiftConfig()
         super().__init__(config, n_kv_head=n_kv_head, head_dim=head_dim)
-        if config.window < 1:
-            raise UserError(f"kv_shift window must be at least 1, got {config.window}")
         self.window = config.window
         self.shift_k = "k" in config.shift
         self.shift_v = "v" in config.shift
         # Raw parameters; `coefficients()` maps them through the constraint, so every mode starts from the
         # same mixing weights and differs only in how training may move them.
         if self.shift_k:
-            self.alpha = nn.Parameter(self._to_raw(init_coefficients(n_kv_head, self.window)))
+            self.alpha = nn.Parameter(self._to_raw(init_coefficients(self.n_kv_head, self.window)))
         if self.shift_v:
-            self.beta = nn.Parameter(self._to_raw(init_coefficients(n_kv_head, self.window)))
+            self.beta = nn.Parameter(self._to_raw(init_coefficients(self.n_kv_head, self.window)))
 
     def _to_raw(self, coef: torch.Tensor) -> torch.Tensor:
         if self.config.constraint == "sigmoid":

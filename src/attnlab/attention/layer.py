@@ -41,8 +41,11 @@ class MultiHeadAttention(nn.Module):
         rotary: Rotary | None = None,
         bias: bool = False,
         d_context: int | None = None,
+        need: dict[str, bool] | None = None,
     ):
         super().__init__()
+        # The capabilities this layer's use requires of any kernel it holds (checked again when one is swapped in).
+        self.need = dict(need or {})
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
         if n_head % self.n_kv_head:

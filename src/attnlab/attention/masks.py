@@ -23,12 +23,3 @@ def combine(mask: torch.Tensor | None, causal: bool, nq: int, nk: int, device=No
     c = causal_mask(nq, nk, device)
     return c if mask is None else (mask & c)
 
-
-def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
-    """[B, Nk] bool (True = real token) -> [B, 1, 1, Nk] broadcastable attention mask."""
-    return valid[:, None, None, :]
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, N] document ids -> [B, 1, N, N]: a token sees only tokens of its own document."""
-    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])

@@ -16,13 +16,12 @@ Models never branch on which mechanism runs: they ask the registry to build one 
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..config import from_dict
 from ..errors import UserError
 
 
@@ -33,8 +32,6 @@ class Capabilities:
     mask: bool = True  # honours an explicit boolean mask (padding, documents)
     kv_cache: bool = True  # can decode: fewer queries than keys, keys from a cache
     stochastic: bool = False  # output depends on a random draw
-    trainable: bool = True  # gradients flow to q, k, v
-    lse: bool = True  # can return the log-sum-exp
 
 
 class Kernel(nn.Module):
@@ -75,11 +72,14 @@ class Transform(nn.Module):
       k, v: [B, Hkv, N, D] raw projections; reset: [B, N] bool, True where a token must not look back
       (document start, or the previous token is padding); state: what the layer's KV cache kept from the
       previous call (None on the first), and new_state is what it should keep for the next.
+    A transform is built for one layer's head shape, kept as `n_kv_head` and `head_dim`.
     """
 
     def __init__(self, config: Any = None, *, n_kv_head: int = 1, head_dim: int = 1):
         super().__init__()
         self.config = config
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
 
 
 @dataclass
@@ -137,57 +137,7 @@ def kernel_entry(name: str) -> Entry:
 
 def make_config(config_cls: type, options: dict | None, what: str):
     """Build a config dataclass from a dict, refusing unknown keys and wrong types with one line."""
-    options = dict(options or {})
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for {what}; valid: {', '.join(fields) or 'none'}")
-    hints = typing.get_type_hints(config_cls)
-    for key, value in options.items():
-        options[key] = _coerce(value, hints[key], f"{what} option {key!r}")
-    return config_cls(**options)
-
-
-def _coerce(value, tp, where):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise UserError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        return origin(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{where} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{where} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where} must be a string, got {value!r}")
-    return value
+    return from_dict(config_cls, options, what, noun="option")
 
 
 def build_kernel(name: str, options: dict | None = None, *, need: dict[str, bool] | None = None) -> Kernel:
@@ -226,22 +176,22 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
             m.set_mode("auto" if mode == "sample" and mode not in m.modes else mode)
 
 
+# The modules of this package that register built-in mechanisms: a new mechanism is its module (or package)
+# plus one name here. Registration stays explicit, so importing the registry never runs unrelated modules.
+_BUILTINS = ("exact", "ssa", "hyper", "kv_shift")
 _loaded = False
 
 
 def _load_builtins():
-    """Import every module of this package once: a mechanism registers itself by existing in its own file."""
+    """Import the built-in mechanisms once, on the registry's first use (they import the registry)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     import importlib
-    import pkgutil
 
-    from .. import attention
-
-    for info in pkgutil.iter_modules(attention.__path__):
-        importlib.import_module(f"{attention.__name__}.{info.name}")
+    for name in _BUILTINS:
+        importlib.import_module(f"{__package__}.{name}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..attention import build_kernel, kernels
-from ..attention.hyper import attention_layers
+from ..attention.swap import attention_layers
 from ..errors import UserError
 from ..run.experiment import ExperimentConfig, experiment
 from .measure import clock, mean_std, sync

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionSpec
-from ..attention.hyper import swapped_attention
+from ..attention.swap import swapped_attention
 from ..bench.attention import BenchConfig, capture_qkv, error_rows, gaussian_qkv
 from ..bench.measure import paired_difference
 from ..data import TextCorpus, build_tokenizer

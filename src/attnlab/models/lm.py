@@ -71,7 +71,7 @@ def build_attention_layers(cfg, *, causal: bool, d_context: int | None = None, r
         tf = build_transform(spec.transform, spec.transform_options, n_kv_head=n_kv, head_dim=head_dim) if transform else None
         rope = Rotary(head_dim, cfg.rope_base) if rotary else None
         layers.append(MultiHeadAttention(cfg.d_model, cfg.n_head, kernel, n_kv_head=n_kv, transform=tf,
-                                         rotary=rope, bias=cfg.bias, d_context=d_context))
+                                         rotary=rope, bias=cfg.bias, d_context=d_context, need=need))
     return layers
 
 

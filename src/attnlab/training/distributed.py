@@ -44,7 +44,3 @@ def mean_across(value: float, d: Dist, device) -> float:
     dist.all_reduce(t)
     return t.item() / d.world
 
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

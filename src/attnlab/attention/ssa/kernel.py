@@ -14,7 +14,7 @@ its own key, so no row is empty: a "self slot" (score q_i·k_i, value v_i) merge
 through the log-sum-exp. Where the own key was drawn anyway, or the mask hides it, the slot is switched off.
 
 Two implementations compute the same attention:
-- On CPU without a caller's mask (language-model training), `ssa_flash`: the queries in blocks, each with
+- On CPU without a caller's mask (language-model training), `ssa.flash`: the queries in blocks, each with
   one maskless fused flash call over the gathered keys before the block and one small masked call over the
   keys inside it, merged with the self slot in place. No [N × M] mask exists, causally hidden blocks are
   skipped, and backward keeps only q, k, v, the output and its lse.
@@ -43,10 +43,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .exact import _HAS_GQA, exact_attention, logsumexp_scores
-from . import ssa_flash
-from .registry import Capabilities, Kernel, register_kernel
+from ...errors import UserError
+from ..exact import _HAS_GQA, exact_attention, logsumexp_scores
+from ..registry import Capabilities, Kernel, register_kernel
+from . import flash
 
 # Score of a switched-off self slot: exp(-1000 - lse) is exactly 0 in every float type, and -1000 stays
 # finite so that a row whose only open slot it is gives weights, not NaN (the slot's output is then dropped).
@@ -67,6 +67,12 @@ class SSAConfig:
     factor: int = 4
     sampling: Literal["unbiased", "local"] = "unbiased"
     spread: float = 1.0
+
+    def __post_init__(self):
+        if self.factor < 1:
+            raise UserError(f"ssa factor must be at least 1, got {self.factor}")
+        if self.spread < 0 or not math.isfinite(self.spread):
+            raise UserError(f"ssa spread must be a finite number >= 0, got {self.spread}")
 
 
 @dataclass
@@ -160,12 +166,7 @@ class SSAAttention(Kernel):
     modes = ("auto", "dense", "sample")
 
     def __init__(self, config: SSAConfig | None = None):
-        config = config or SSAConfig()
-        if config.factor < 1:
-            raise UserError(f"ssa factor must be at least 1, got {config.factor}")
-        if config.spread < 0 or not math.isfinite(config.spread):
-            raise UserError(f"ssa spread must be a finite number >= 0, got {config.spread}")
-        super().__init__(config)
+        super().__init__(config or SSAConfig())
         self.generator: torch.Generator | None = None
         self.last_draw: Draw | None = None
 
@@ -211,8 +212,8 @@ class SSAAttention(Kernel):
         drawn = _own_key_drawn(draw)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         # The fused CPU path's lse carries no gradient, so it serves lse requests only without autograd.
-        if mask is None and ssa_flash.supported(q) and not (return_lse and needs_grad):
-            out, lse = ssa_flash.gathered_attention(q, k, v, keys, ~drawn, _plan(draw, causal), scale)
+        if mask is None and flash.supported(q) and not (return_lse and needs_grad):
+            out, lse = flash.gathered_attention(q, k, v, keys, ~drawn, _plan(draw, causal), scale)
             return (out, lse) if return_lse else out
         open_ = ~drawn[:, None, :]
         diag = _diag(mask, n)
@@ -307,14 +308,14 @@ class SSAAttention(Kernel):
 
 
 def _plan(draw: Draw, causal: bool):
-    """The query blocks of `ssa_flash` for a draw: one window of all queries over the M keys (unbiased), or
+    """The query blocks of `ssa.flash` for a draw: one window of all queries over the M keys (unbiased), or
     query window k over the real keys of key window k (local; padding keys sit at the end of the last)."""
     n, w = draw.n, draw.window
     if draw.sampling == "unbiased":
-        return ssa_flash.plan(draw.keys, [(0, n, 0, draw.keys.shape[1])], causal)
+        return flash.plan(draw.keys, [(0, n, 0, draw.keys.shape[1])], causal)
     s = draw.keys.shape[1] // w
     wins = [(i * w, min(n, (i + 1) * w), i * w, i * w + min(n - i * w, w)) for i in range(s) if i * w < n]
-    return ssa_flash.plan(draw.keys, wins, causal)
+    return flash.plan(draw.keys, wins, causal)
 
 
 def _own_key_drawn(draw: Draw) -> torch.Tensor:

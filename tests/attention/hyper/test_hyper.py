@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from attnlab.attention import AttentionSpec, build_kernel, lsh, merge, reference_attention
-from attnlab.attention.hyper import (HyperConfig, attention_layers, attention_lse, hyper_attention, swap_attention,
-                                     swapped_attention)
+from attnlab.attention import AttentionSpec, build_kernel, merge, reference_attention
+from attnlab.attention.hyper import HyperConfig, attention_lse, hyper_attention, lsh
+from attnlab.attention.swap import attention_layers, swap_attention, swapped_attention
 from attnlab.attention.merge import merge_
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
@@ -160,10 +160,11 @@ def test_grouped_query_heads_share_keys_like_repeated_heads():
 
 
 def test_block_padding_is_masked_while_zero_padding_adds_a_sink():
-    # 100 keys in blocks of 16 leave 12 padding slots in the last block. Without a residual, exp(lse) of the
-    # zero-padded variant exceeds the masked one by exactly 12·e^0 for queries of that block, 0 elsewhere.
+    # 100 keys in blocks of 16 leave 12 padding slots in the last block. With a residual that is the same in
+    # both variants (deterministic norm pre-scoring, nothing sampled), exp(lse) of the zero-padded variant
+    # exceeds the masked one by exactly 12·e^0 for queries of that block, 0 elsewhere.
     q, k, v = _qkv(nq=100, seed=9, dtype=torch.float64)
-    cfg = dict(block_size=16, sample_size=0, min_seq_len=8, lsh_bits=4)
+    cfg = dict(block_size=16, sample_size=0, min_seq_len=8, lsh_bits=4, prescore="norm", top_k=8)
     _, lse_m = hyper_attention(q, k, v, HyperConfig(**cfg))
     _, lse_z = hyper_attention(q, k, v, HyperConfig(**cfg, zero_pad=True))
     extra = (lse_z.exp() - lse_m.exp()).flatten()
@@ -227,11 +228,30 @@ def test_seed_makes_calls_repeatable_and_none_draws_afresh():
     assert not torch.equal(b, hyper_attention(q, k, v, HyperConfig(**SMALL, seed=None))[0])
 
 
-def test_config_is_checked():
-    with pytest.raises(UserError):
-        build_kernel("hyper", {"block_size": 0})
-    with pytest.raises(UserError):
-        build_kernel("hyper", {"prescore": "lev"})
+@pytest.mark.parametrize("options, words", [
+    ({"block_size": 0}, "block_size"),
+    ({"prescore": "lev"}, "prescore"),
+    ({"lsh_bits": 0}, "lsh_bits"),
+    ({"lsh_bits": 17}, "lsh_bits"),
+    ({"sample_size": -1}, "sample_size"),
+    ({"sample_size": 0}, "sample_size must be at least 1 without pre-scoring"),
+    ({"min_seq_len": 0}, "min_seq_len"),
+    ({"prescore": "norm", "top_k": 0}, "top_k"),
+    ({"top_k": -1}, "top_k"),
+    ({"clusters": 0}, "clusters"),
+    ({"iters": -1}, "iters"),
+    ({"fit_size": 0}, "fit_size"),
+    ({"block_size": 2.5}, "block_size"),
+])
+def test_config_is_checked(options, words):
+    with pytest.raises(UserError, match=words) as e:
+        build_kernel("hyper", options)
+    assert "\n" not in str(e.value)
+
+
+def test_config_accepts_what_it_can_run():
+    # Pre-scored keys alone may fill the residual: nothing sampled, the top_k keys attended exactly.
+    assert HyperConfig(sample_size=0, prescore="norm", top_k=8).sample_size == 0
     assert HyperConfig(top_k=64).n_clusters == 16 and HyperConfig(prescore="kmedian").n_iters == 3
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attnlab.attention import prescore
+from attnlab.attention.hyper import prescore
 
 
 def _svd_leverage(k: torch.Tensor) -> tuple[torch.Tensor, int]:

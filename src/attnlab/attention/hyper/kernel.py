@@ -2,14 +2,14 @@
 
 Non-causal (every query against every key, `_rect`):
 1. sortLSH: hash queries and keys with the same random hyperplanes, sort each by bucket in Gray-code order
-   (`attention.lsh`), cut the sorted keys into blocks of `block_size` and the sorted queries into as many
+   (`hyper.lsh`), cut the sorted keys into blocks of `block_size` and the sorted queries into as many
    blocks; every query attends exactly to the keys of its own block. Padding up to a whole number of blocks
    is masked (the official code fills it with zero keys, which get logit 0 and act as a spurious sink;
    `zero_pad=True` reproduces that, to measure what masking buys).
 2. Residual: `sample_size` keys drawn uniformly without replacement; every query attends to them except the
    ones in its own block (no double counting), with weight n/sample_size: an unbiased estimate of the
    softmax denominator and numerator over the keys outside the block.
-3. Pre-scoring (`prescore`): the `top_k` highest-scoring keys (`attention.prescore`) join the residual with
+3. Pre-scoring (`prescore`): the `top_k` highest-scoring keys (`hyper.prescore`) join the residual with
    weight 1, i.e. they are attended exactly (again minus the query's own block); the uniform sample is then
    drawn from the other keys only, weighted (n - top_k)/sample_size.
 The pieces cover disjoint key sets. A query's own block and its residual keys go through one softmax in which
@@ -26,28 +26,27 @@ Grouped-query attention: keys are hashed, sorted and scored once per kv head; th
 are stacked into the same blocks. Masks: a key-padding mask sorts masked keys last and masks them; a general
 mask is gathered for exactly the (query, key) pairs that are computed.
 
-Exact pieces run through SDPA kernels that return the log-sum-exp (`attention_lse`); when gradients are
+Exact pieces run through SDPA kernels that return the log-sum-exp (`hyper.lse.attention_lse`); when gradients are
 needed they run as plain differentiable math instead, so the kernel trains too (slowly). Without gradients,
 pieces are written into one output buffer and merged in place, a few heads at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
+from ..masks import combine
+from ..merge import merge, merge_
+from ..registry import Capabilities, Kernel, register_kernel
 from . import lsh
-from .masks import combine
-from .merge import merge, merge_
+from .lse import attention_lse, lse_dtype, mask_bias
 from .prescore import key_scores
-from .registry import Capabilities, Kernel, build_kernel, register_kernel, select_layers
 
 
 @dataclass
@@ -84,7 +83,11 @@ class HyperConfig:
             (1 <= self.lsh_bits <= 16, "lsh_bits must be between 1 and 16"),
             (self.block_size >= 1, "block_size must be at least 1"),
             (self.sample_size >= 0, "sample_size must be 0 or more"),
+            # Without a residual every query sees only its own block: the denominator is not estimated at all.
+            (self.sample_size >= 1 or self.prescore != "none",
+             "sample_size must be at least 1 without pre-scoring (else a query sees only its own block)"),
             (self.min_seq_len >= 1, "min_seq_len must be at least 1"),
+            (self.top_k >= 0, "top_k must be 0 or more"),
             (self.top_k >= 1 or self.prescore == "none", "top_k must be at least 1 with pre-scoring"),
             (self.clusters is None or self.clusters >= 1, "clusters must be at least 1"),
             (self.iters is None or self.iters >= 0, "iters must be 0 or more"),
@@ -101,112 +104,6 @@ class HyperConfig:
     @property
     def n_iters(self) -> int:
         return self.iters if self.iters is not None else (3 if self.prescore == "kmedian" else 10)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Exact attention that also returns the log-sum-exp cheaply.
-
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_CUDA_LSE_OK: dict[torch.dtype, bool] = {}
-
-
-def attention_lse(q, k, v, *, scale: float, mask: torch.Tensor | None = None, causal: bool = False,
-                  bias: torch.Tensor | None = None):
-    """softmax(q kᵀ·scale + bias) v and its log-sum-exp for equal-shaped 4-D batches ([B, H, N, D]).
-
-    mask: bool, True = attend; bias: float, added to the scores (-inf hides a key; log w weights it by w);
-    both broadcastable to [B, H, Nq, Nk]. causal: top-left, square only. Rows with no visible key give o = 0
-    and lse = -inf. lse is float32 (float64 for float64 input).
-    Without gradients this is one fused SDPA kernel (CPU flash; CUDA memory-efficient attention once a
-    self-check on this dtype passes, masks only); with gradients it is differentiable math.
-    """
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError("attention_lse: causal needs as many queries as keys")
-    if mask is not None:
-        hide = _bias(mask, _lse_dtype(q))
-        bias = hide if bias is None else bias + hide
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad:
-        # A fused kernel that refuses these inputs (a dtype, a stride, a mask layout) raises before computing
-        # anything; the math below gives the same result.
-        try:
-            if q.device.type == "cpu" and _CPU_FLASH is not None:
-                return _cpu_flash(q, k, v, scale, bias, causal)
-            # The CUDA kernel takes the bias in q's dtype: fine for 0/-inf, not for weights in bf16.
-            masks_only = bias is None or bool(((bias == 0) | torch.isneginf(bias)).all())
-            if q.device.type == "cuda" and masks_only and _cuda_lse_ok(q.dtype, q.device):
-                return _cuda_efficient(q, k, v, scale, bias, causal)
-        except RuntimeError:
-            pass
-    return _math_lse(q, k, v, scale, bias, causal)
-
-
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _bias(mask, dtype):
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-def _fix_empty(o, lse, bias):
-    """Fused kernels return lse = 0 for a row whose keys are all hidden; the merge needs -inf there."""
-    if bias is None:
-        return o, lse
-    empty = torch.isneginf(bias).all(-1)
-    if not bool(empty.any()):
-        return o, lse
-    empty = empty.expand(lse.shape)
-    return o.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
-
-
-def _cpu_flash(q, k, v, scale, bias, causal):
-    o, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
-    return _fix_empty(o, lse.to(_lse_dtype(q)), bias)
-
-
-def _cuda_efficient(q, k, v, scale, bias, causal):
-    full = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, full, True, 0.0, causal, scale=scale)
-    return _fix_empty(out[0], out[1][..., : q.shape[2]].float(), bias)
-
-
-def _cuda_lse_ok(dtype, device) -> bool:
-    """Use the private CUDA kernel only after it matched the math on a small masked problem, once per dtype."""
-    if dtype not in _CUDA_LSE_OK:
-        ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(2, 3, n, 64, generator=g, device=device).to(dtype) for n in (40, 72, 72))
-            mask = torch.rand(2, 1, 40, 72, generator=g, device=device) > 0.3
-            bias = _bias(mask, torch.float32)
-            o1, l1 = _cuda_efficient(q, k, v, 0.125, bias, False)
-            o2, l2 = _math_lse(q, k, v, 0.125, bias, False)
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            ok = bool((o1.float() - o2.float()).abs().max() < tol and (l1 - l2).abs().max() < tol)
-        except (RuntimeError, TypeError, AttributeError):
-            ok = False
-        _CUDA_LSE_OK[dtype] = ok
-    return _CUDA_LSE_OK[dtype]
-
-
-def _math_lse(q, k, v, scale, bias, causal):
-    s = torch.matmul(q, k.transpose(-1, -2)).to(_lse_dtype(q)) * scale
-    if bias is not None:
-        s = s + bias
-    if causal:
-        tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~tri, float("-inf"))
-    # A max-shift and a guarded log keep empty rows at lse = -inf with finite gradients (no inf - inf).
-    top = s.amax(-1, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    e = torch.exp(s - top)
-    den = e.sum(-1)
-    has = den > 0
-    den_safe = torch.where(has, den, torch.ones_like(den))
-    lse = torch.where(has, torch.log(den_safe) + top.squeeze(-1), torch.full_like(den, float("-inf")))
-    o = torch.matmul((e / den_safe.unsqueeze(-1)).to(v.dtype), v)
-    return o, lse
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +146,7 @@ def hyper_attention(q, k, v, cfg: HyperConfig, *, causal=False, mask=None, scale
     seqs = max(1, min(b, _CHUNK_BYTES // max(per_head * hkv, 1))) if heads == hkv else 1
     out = None
     if ctx.inplace:
-        out = (q.new_empty(b, hq, nq, d), torch.empty(b, hq, nq, dtype=_lse_dtype(q), device=q.device))
+        out = (q.new_empty(b, hq, nq, d), torch.empty(b, hq, nq, dtype=lse_dtype(q), device=q.device))
     pieces = []
     for b0 in range(0, b, seqs):
         sb = slice(b0, min(b, b0 + seqs))
@@ -436,8 +333,8 @@ def _rect(q, k, v, mask, ctx):
             pair = pair & ~is_pad.reshape(b * hkv, nb, 1, bs)
         blk_mask = pair if blk_mask is None else (blk_mask & pair)
     keys, values = [ks.view(b * hkv, nb, bs, d)], [vs.view(b * hkv, nb, bs, d)]
-    wide = _lse_dtype(q)
-    biases = [torch.zeros(1, 1, 1, bs, dtype=wide, device=dev) if blk_mask is None else _bias(blk_mask, wide)]
+    wide = lse_dtype(q)
+    biases = [torch.zeros(1, 1, 1, bs, dtype=wide, device=dev) if blk_mask is None else mask_bias(blk_mask, wide)]
 
     # Residual: exact pre-scored keys (weight 1) and a uniform sample of the others (weight n_rest / m).
     picks = []
@@ -494,43 +391,3 @@ class HyperAttention(Kernel):
     def attend(self, q, k, v, *, causal, mask, scale, return_lse):
         o, lse = hyper_attention(q, k, v, self.config, causal=causal, mask=mask, scale=scale)
         return (o, lse) if return_lse else o
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Swapping the kernel of chosen layers of a built (e.g. trained) model; works for any registered kernel.
-
-
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's attention layers (modules holding a `kernel`) in module order: for an LM, layer order."""
-    return [m for m in model.modules() if isinstance(getattr(m, "kernel", None), Kernel)]
-
-
-def swap_attention(model: nn.Module, name: str, options: dict | None = None, layers: str = "all") -> list[tuple[nn.Module, Kernel]]:
-    """Give the chosen attention layers ("all", "first:N", "last:N", "odd", "even", "0,3,5") a new `name`
-    kernel built from the registry; returns [(layer, previous kernel)] for `restore_attention`."""
-    attn = attention_layers(model)
-    if not attn:
-        raise UserError("this model has no attention layers to swap")
-    swapped = []
-    for i in select_layers(layers, len(attn)):
-        layer = attn[i]
-        device = next((p.device for p in layer.parameters()), None)
-        kernel = build_kernel(name, options)
-        swapped.append((layer, layer.kernel))
-        layer.kernel = kernel.to(device) if device is not None else kernel
-    return swapped
-
-
-def restore_attention(swapped: list[tuple[nn.Module, Kernel]]) -> None:
-    for layer, kernel in reversed(swapped):
-        layer.kernel = kernel
-
-
-@contextlib.contextmanager
-def swapped_attention(model: nn.Module, name: str, options: dict | None = None, layers: str = "all"):
-    """`with swapped_attention(model, "hyper", {...}, "last:2"):` evaluates with the swap, then undoes it."""
-    swapped = swap_attention(model, name, options, layers)
-    try:
-        yield model
-    finally:
-        restore_attention(swapped)

@@ -1,4 +1,4 @@
-"""SSA's gathered attention on torch's fused CPU flash kernel, with no dense mask (the CPU path of ssa.py).
+"""SSA's gathered attention on torch's fused CPU flash kernel, with no dense mask (the CPU path of ssa/kernel.py).
 
 Queries keep their original order and each window's gathered keys are sorted by original position, so
 causality is a staircase. A block of queries at positions [P0, P1) sees every gathered key before P0 with no

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from attnlab.attention import build_kernel, exact_attention, reference_attention, set_attention_mode
-from attnlab.attention import ssa as ssa_mod
-from attnlab.attention import ssa_flash
-from attnlab.attention.ssa import SSAAttention, seed_sampling
+from attnlab.attention.ssa import SSAAttention, SSAConfig, seed_sampling
+from attnlab.attention.ssa import flash as ssa_flash
+from attnlab.attention.ssa import kernel as ssa_mod
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
 
@@ -364,7 +364,16 @@ def test_lm_trains_with_ssa_and_bf16_runs():
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("options", [{"factor": 0}, {"spread": -1.0}, {"sampling": "nearby"}, {"s": 2}])
+@pytest.mark.parametrize("options", [{"factor": 0}, {"factor": 2.5}, {"spread": -1.0}, {"spread": float("inf")},
+                                     {"sampling": "nearby"}, {"s": 2}])
 def test_bad_options_are_user_errors(options):
     with pytest.raises(UserError):
         build_kernel("ssa", options)
+
+
+def test_the_config_itself_refuses_impossible_values():
+    # Checked where the config is made, so a config built in code is held to the same ranges as CLI options.
+    with pytest.raises(UserError, match="factor"):
+        SSAConfig(factor=0)
+    with pytest.raises(UserError, match="spread"):
+        SSAConfig(spread=float("nan"))

@@ -1,6 +1,6 @@
 import torch
 
-from attnlab.attention import lsh
+from attnlab.attention.hyper import lsh
 
 
 def _hamming(a: int, b: int) -> int:
