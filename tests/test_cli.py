@@ -117,9 +117,9 @@ def test_console_script_exits_2_without_traceback(tmp_path):
 
 def test_list_names_every_mechanism_and_experiment(capsys):
     from attnlab.attention import kernels
-    from attnlab.run.experiment import experiments
+    from attnlab.run.experiment import entries
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in [*kernels(), *experiments()]:
+    for name in [*kernels(), *entries()]:
         assert name in out

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attnlab.attention import exact_attention, kernels
-from attnlab.bench.attention import (BenchConfig, _predict, bench_attention, capture_qkv, fit_n2, logit_offset_stats,
+from attnlab.run.experiment import run_experiment
+from attnlab.bench.attention import (BenchConfig, _predict, capture_qkv, fit_n2, logit_offset_stats,
                                     offset_qkv, shift_keys, variants)
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
@@ -40,7 +41,8 @@ def test_variants_cover_the_registry_and_keep_an_equal_key_budget():
 
 
 def test_bench_writes_every_mechanism_with_errors_against_exact(tmp_path):
-    out = bench_attention(BenchConfig(out=str(tmp_path / "b"), lengths=[96, 160], time_limit_s=30, clock="cpu", **TINY))
+    out = tmp_path / "b"
+    run_experiment("attention", BenchConfig(out=str(out), lengths=[96, 160], time_limit_s=30, clock="cpu", **TINY))
     rows = list(csv.DictReader(open(out / "speed.csv")))
     assert {r["variant"] for r in rows} >= set(kernels())
     for r in rows:
