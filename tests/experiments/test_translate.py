@@ -6,7 +6,8 @@ import torch
 
 from attnlab.data.parallel import NumberTaskConfig
 from attnlab.run.experiment import run_experiment
-from attnlab.experiments.translate import TranslateConfig, paper_optim, translation_scores
+from attnlab.experiments.translate import TranslateConfig, paper_optim
+from attnlab.tasks.translation import translation_scores
 from attnlab.models.seq2seq import Seq2SeqConfig
 from attnlab.training.schedules import lr_at
 

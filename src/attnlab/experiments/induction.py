@@ -11,15 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ..attention import AttentionSpec
 from ..errors import UserError
-from ..models.lm import LMConfig
-from ..training import OptimConfig, TrainConfig, train
-from ..tasks import SyntheticConfig, SyntheticTask
-from ..run.build import build_model
-from ..run.inspect import shift_coefficients
 from ..report import line_plot, markdown_table
+from ..run.config import DataConfig, RunConfig, lm_run, with_attention
 from ..run.experiment import ExperimentConfig, experiment
+from ..run.inspect import shift_coefficients
 
 
 @dataclass
@@ -62,6 +58,20 @@ def _claims(rows: list[dict], target: float) -> list[str]:
     return out
 
 
+def base(cfg: InductionConfig, task: str, n_layer: int) -> RunConfig:
+    return lm_run(vocab_size=cfg.vocab_size, n_layer=n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
+                  seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.max_steps, lr=cfg.lr,
+                  warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, seed=cfg.seed, log_every=25,
+                  early_stop_metric="accuracy", early_stop_value=cfg.target_accuracy,
+                  data=DataConfig(source=task, num_kv_pairs=cfg.mqar_kv_pairs, eval_batches=cfg.eval_batches))
+
+
+def variant_run(base_cfg: RunConfig, variant: str, kv_shift: dict) -> RunConfig:
+    if variant == "vanilla":
+        return base_cfg
+    return with_attention(base_cfg, transform="kv_shift", transform_options=dict(kv_shift))
+
+
 @experiment("induction", InductionConfig, "1- and 2-layer vanilla vs KV-shift on induction heads and MQAR")
 def run(cfg: InductionConfig, ctx) -> dict:
     if cfg.quick:
@@ -72,26 +82,13 @@ def run(cfg: InductionConfig, ctx) -> dict:
         raise UserError("induction needs at least one task and positive layer counts")
     rows, curves, coefs = [], {}, {}
     for task_name in cfg.tasks:
-        scfg = SyntheticConfig(kind=task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                               num_kv_pairs=cfg.mqar_kv_pairs, eval_batches=cfg.eval_batches)
         curves[task_name] = {}
         for n_layer in cfg.layers:
             for variant in ("vanilla", "kv_shift"):
                 label = f"{variant}-{n_layer}L"
-                spec = AttentionSpec(transform="kv_shift" if variant == "kv_shift" else "none",
-                                     transform_options=dict(cfg.kv_shift) if variant == "kv_shift" else {})
-                mcfg = LMConfig(vocab_size=cfg.vocab_size, n_layer=n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                                max_seq_len=cfg.seq_len, pos="rope", attention=spec)
-                model = build_model(mcfg, cfg.seed, paired=True)
-                task = SyntheticTask(scfg, cfg.batch_size, seed=cfg.seed)
-                tcfg = TrainConfig(steps=cfg.max_steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
-                                   log_every=25, seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype,
-                                   early_stop_metric="accuracy", early_stop_value=cfg.target_accuracy,
-                                   tensorboard=False, keep_checkpoints=1, progress=False)
                 print(f"== {task_name} {label}", flush=True)
-                res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10,
-                                                           warmup_steps=cfg.warmup_steps),
-                            out_dir=ctx.out / "runs" / f"{task_name}-{label}")
+                model, _, res = ctx.train(variant_run(base(cfg, task_name, n_layer), variant, cfg.kv_shift),
+                                          f"{task_name}-{label}", paired=True)
                 accs = [e["accuracy"] for e in res.evals]
                 reached = next((e["step"] for e in res.evals if e["accuracy"] >= cfg.target_accuracy), None)
                 rows.append({"task": task_name, "model": label, "variant": variant, "layers": n_layer,

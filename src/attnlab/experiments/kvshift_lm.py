@@ -12,19 +12,13 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
-
-from ..attention import AttentionSpec
 from ..bench.measure import mean_std
-from ..data import TextCorpus, build_tokenizer, read_text
 from ..errors import UserError, require_file
-from ..models.lm import LM, LMConfig
-from ..training import OptimConfig, TrainConfig, train
-from ..tasks import TextLMTask
-from ..run.build import build_model
-from ..run.inspect import shift_coefficients
 from ..report import line_plot, markdown_table
+from ..run.build import corpus_for, tokenizer_for
+from ..run.config import DataConfig, RunConfig, lm_run, with_attention
 from ..run.experiment import ExperimentConfig, experiment
+from ..run.inspect import shift_coefficients
 
 # Variant name -> transform options ("vanilla" has no transform).
 VARIANTS: dict[str, dict | None] = {
@@ -65,6 +59,19 @@ class KVShiftLMConfig(ExperimentConfig):
     ablation_seeds: int = 3  # how many of `seeds` the ablations run on
 
 
+def base(cfg: KVShiftLMConfig, seed: int, data: DataConfig, vocab_size: int) -> RunConfig:
+    return lm_run(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=cfg.seq_len,
+                  batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                  eval_every=cfg.eval_every, seed=seed, data=data)
+
+
+def variant_run(base_cfg: RunConfig, variant: str) -> RunConfig:
+    """vanilla: no transform; every other variant: KV shifting with that variant's options."""
+    opts = VARIANTS[variant]
+    return with_attention(base_cfg, transform="none" if opts is None else "kv_shift",
+                          transform_options=dict(opts or {}))
+
+
 @experiment("kvshift-lm", KVShiftLMConfig, "KV shifting vs vanilla on a char/byte LM over seeds, with ablations")
 def run(cfg: KVShiftLMConfig, ctx) -> dict:
     if not cfg.data:
@@ -78,25 +85,18 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
         raise UserError(f"unknown ablation(s) {unknown}; choose from k_only, v_only, window2")
     if not cfg.seeds:
         raise UserError("kvshift-lm needs at least one seed")
-    tok = build_tokenizer(cfg.tokenizer, read_text(cfg.data) if cfg.tokenizer == "char" else None)
-    corpus = TextCorpus(cfg.data, tok)
+    data = DataConfig(path=cfg.data, tokenizer=cfg.tokenizer, eval_batches=cfg.eval_batches)
+    tok = tokenizer_for(data)
+    corpus = corpus_for(data, tok)
     plan = [(v, s) for s in cfg.seeds for v in ("vanilla", "kv_shift")]
     plan += [(v, s) for s in cfg.seeds[: cfg.ablation_seeds] for v in cfg.ablations]
 
     runs, coef_rows = [], []
     for variant, seed in plan:
         opts = VARIANTS[variant]
-        spec = AttentionSpec(transform="none" if opts is None else "kv_shift", transform_options=dict(opts or {}))
-        mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                        max_seq_len=cfg.seq_len, attention=spec)
-        model = build_model(mcfg, seed, paired=True)
-        task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=seed, eval_batches=cfg.eval_batches)
-        tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
-                           seed=seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False,
-                           keep_checkpoints=1, progress=False)
         print(f"== {variant} seed {seed}", flush=True)
-        res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
-                    out_dir=ctx.out / "runs" / f"{variant}-seed{seed}")
+        model, _, res = ctx.train(variant_run(base(cfg, seed, data, tok.vocab_size), variant), f"{variant}-seed{seed}",
+                                  paired=True, corpus=corpus, tokenizer=tok)
         runs.append({"variant": variant, "seed": seed, "val_loss": res.final["val_loss"],
                      "params": model.num_params(non_embedding=False), "step_s": res.step_s,
                      "curve": [(e["step"], e["val_loss"]) for e in res.evals]})

@@ -18,23 +18,18 @@ The trained model is saved under OUT/train, so `attnlab bench attention --checkp
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
-from ..attention import AttentionSpec
 from ..attention.swap import swapped_attention
 from ..bench.attention import BenchConfig, capture_qkv, error_rows, gaussian_qkv
 from ..bench.measure import paired_difference
-from ..data import TextCorpus, build_tokenizer
 from ..errors import UserError, require_file
-from ..models.lm import LM, LMConfig
-from ..training import OptimConfig, TrainConfig, train
-from ..tasks import TextLMTask
-from ..report import line_plot
+from ..inference.ensemble import evaluate_lm
+from ..report import figure, line_plot
+from ..run.build import corpus_for, tokenizer_for
+from ..run.config import DataConfig, RunConfig, lm_run
 from ..run.experiment import ExperimentConfig, experiment
 
 PRESCORE = ["kmeans", "kmedian", "leverage", "norm"]
@@ -70,35 +65,22 @@ def _quick(cfg: LongCtxConfig) -> LongCtxConfig:
 
 
 def _evaluate(model, windows, device) -> tuple[dict, list[float]]:
-    """e-based perplexity (exp of mean nats per byte) and forward seconds over the windows, and each window's
-    mean loss (for paired comparisons: every setting sees the same windows)."""
-    per, tokens, secs = [], 0, 0.0
-    model.eval()
-    with torch.no_grad():
-        for x, y in windows:
-            x, y = x.to(device), y.to(device)
-            t0 = time.perf_counter()
-            logits = model(x)
-            secs += time.perf_counter() - t0
-            per.append(float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten())))
-            tokens += y.numel()
-    loss = sum(per) / len(per)  # equal-length windows: the mean over windows is the mean over bytes
-    return {"loss": loss, "ppl": math.exp(loss), "forward_s": secs, "tokens": tokens}, per
+    """e-based perplexity and forward seconds over the windows, and each window's mean loss (for paired
+    comparisons: every setting sees the same windows)."""
+    m = evaluate_lm(model, windows, mode=None, device=device)
+    return {k: m[k] for k in ("loss", "ppl", "forward_s", "tokens")}, m["batch_losses"]
+
+
+def base(cfg: LongCtxConfig) -> RunConfig:
+    """The exact-attention byte LM the hyper settings are swapped into."""
+    return lm_run(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=cfg.context,
+                  batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                  eval_every=cfg.eval_every, seed=cfg.seed, data=DataConfig(path=str(cfg.data), eval_batches=2))
 
 
 def _train(cfg: LongCtxConfig, ctx, corpus, tok):
-    torch.manual_seed(cfg.seed)
-    mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                    max_seq_len=cfg.context, attention=AttentionSpec())
-    model = LM(mcfg)
-    task = TextLMTask(corpus, cfg.context, cfg.batch_size, seed=cfg.seed, eval_batches=2)
-    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
-                       seed=cfg.seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False, progress=False,
-                       keep_checkpoints=1)
-    print(f"== training: {model.num_params():,} parameters, context {cfg.context}, {cfg.steps} steps", flush=True)
-    res = train(model, task, tcfg, OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
-                out_dir=ctx.out / "train",
-                run_config={"model": asdict(mcfg), "data": {"source": "text", "path": str(cfg.data), "tokenizer": "byte"}})
+    print(f"== training: context {cfg.context}, {cfg.steps} steps", flush=True)
+    model, _, res = ctx.train(base(cfg), "train", under="", corpus=corpus, tokenizer=tok, record=True)
     return model, res
 
 
@@ -133,8 +115,8 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     settings = [("hyper", {})] + [(f"hyper+{m}", {"prescore": m, "top_k": top_k, "sample_size": budget - top_k})
                                   for m in cfg.prescore]
 
-    tok = build_tokenizer("byte")
-    corpus = TextCorpus(cfg.data, tok)
+    tok = tokenizer_for(DataConfig(path=cfg.data))
+    corpus = corpus_for(DataConfig(path=cfg.data), tok)
     windows = list(corpus.eval_windows("val", cfg.context, 1, max_batches=cfg.eval_windows))
     if not windows:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.context} bytes")
@@ -188,33 +170,27 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
 
 
 def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, top_k, n_err) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ctx.write_csv("perplexity.csv", rows)
     ctx.write_csv("errors.csv", errors)
     if gaps:
         ctx.write_csv("gap_recovered.csv", gaps)
     base = rows[0]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     labels = [s for s, _ in settings]
     width = 0.8 / len(layer_choices)
-    for i, layers in enumerate(layer_choices):
-        ys = [next(r["ppl"] for r in rows if r["layers"] == layers and r["variant"] == lab) for lab in labels]
-        ax.bar([j + i * width for j in range(len(labels))], ys, width, label=f"hyper in {layers}")
-    ax.axhline(base["ppl"], color="k", linestyle="--", label=f"exact ({base['ppl']:.3f})")
-    ax.set_xticks([j + width * (len(layer_choices) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
-    lo = min(r["ppl"] for r in rows)
-    ax.set_ylim(lo * 0.98, max(r["ppl"] for r in rows) * 1.01)
-    ax.set_ylabel("validation perplexity (e-based, per byte)")
-    ax.set_title(f"Hyper in chosen layers, context {cfg.context}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    ppl_plot = ctx.out / "perplexity.png"
-    fig.savefig(ppl_plot, dpi=120)
-    plt.close(fig)
+
+    def bars(fig, plt):
+        ax = fig.add_subplot()
+        for i, layers in enumerate(layer_choices):
+            ys = [next(r["ppl"] for r in rows if r["layers"] == layers and r["variant"] == lab) for lab in labels]
+            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=f"hyper in {layers}")
+        ax.axhline(base["ppl"], color="k", linestyle="--", label=f"exact ({base['ppl']:.3f})")
+        ax.set_xticks([j + width * (len(layer_choices) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
+        ax.set_ylim(min(r["ppl"] for r in rows) * 0.98, max(r["ppl"] for r in rows) * 1.01)
+        ax.set_ylabel("validation perplexity (e-based, per byte)")
+        ax.set_title(f"Hyper in chosen layers, context {cfg.context}")
+        ax.legend(fontsize=7)
+
+    ppl_plot = figure(ctx.out / "perplexity.png", bars)
     curve = None
     if res is not None:
         curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],

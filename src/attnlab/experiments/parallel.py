@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..bench.measure import sync
 from ..models.lm import LM, LMConfig
 from ..models.rnn import LSTMLM, LSTMLMConfig, match_lstm_width
 from ..report import line_plot, markdown_table
@@ -60,11 +61,6 @@ def build_models(cfg: ParallelConfig):
     return {"transformer": lm, "lstm": LSTMLM(lstm_cfg(width))}, width
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Bench:
     """Timed closures for one model at one length: a training step and a forward pass."""
 
@@ -79,22 +75,22 @@ class _Bench:
 
     def train_step(self) -> float:
         self.model.train()
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         _, loss = self.model(self.x, self.y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
     @torch.no_grad()
     def forward(self) -> float:
         self.model.eval()
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         self.model(self.x1)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
 

@@ -18,19 +18,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
-
-from ..attention import AttentionSpec
-from ..bench.memory import peak_memory
-from ..data import TextCorpus, build_tokenizer
+from ..bench.memory import training_step_peak
 from ..errors import UserError, require_file
 from ..inference.ensemble import attention_mode, evaluate_lm
-from ..models.lm import LM, LMConfig
-from ..training import OptimConfig, TrainConfig, train
-from ..training.device import autocast
-from ..tasks import TextLMTask
+from ..models.lm import LM
 from ..report import line_plot, markdown_table
+from ..run.build import corpus_for, tokenizer_for
+from ..run.config import (
+    DataConfig,
+    RunConfig,
+    lm_run,
+    with_attention,
+    with_optim,
+    with_train,
+)
 from ..run.experiment import ExperimentConfig, experiment
+from ..training.device import autocast
 
 
 @dataclass
@@ -57,24 +60,25 @@ class SSAExperimentConfig(ExperimentConfig):
 VARIANTS = ("dense", "ssa-unbiased", "ssa-local", "ssa-local+ft")
 
 
-def _spec(variant: str, cfg: SSAExperimentConfig) -> AttentionSpec:
+def base(cfg: SSAExperimentConfig, data: DataConfig) -> RunConfig:
+    return lm_run(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=cfg.seq_len,
+                  batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                  eval_every=cfg.eval_every, seed=cfg.seed, data=data)
+
+
+def variant_run(base_cfg: RunConfig, cfg: SSAExperimentConfig, variant: str) -> RunConfig:
     if variant == "dense":
-        return AttentionSpec()
+        return base_cfg
     sampling = "unbiased" if variant == "ssa-unbiased" else "local"
-    return AttentionSpec(name="ssa", options={"factor": cfg.factor, "sampling": sampling, "spread": cfg.spread})
+    return with_attention(base_cfg, name="ssa", options={"factor": cfg.factor, "sampling": sampling,
+                                                         "spread": cfg.spread})
 
 
-def _step_peak(model, task, device) -> float:
-    """Peak tensor memory (MB) of one training forward + backward, the model's weights excluded."""
-    batch = task.batch(0, 0, 0, device)
-
-    def step():
-        model.train()
-        task.loss(model, batch)[0].backward()
-        model.zero_grad(set_to_none=True)
-
-    _, peak = peak_memory(step, device)
-    return peak / 2**20
+def finetune_run(base_cfg: RunConfig, cfg: SSAExperimentConfig, steps: int) -> RunConfig:
+    """The ssa-local model continued with dense attention: the trainer switches every kernel to dense for its
+    last `dense_finetune_steps` steps, here all of them; fresh batches (another seed), lower learning rate."""
+    run = with_train(base_cfg, steps=steps, seed=cfg.seed + 1, dense_finetune_steps=steps)
+    return with_optim(run, lr=cfg.finetune_lr, min_lr=cfg.finetune_lr / 10, warmup_steps=min(10, steps))
 
 
 @experiment("ssa", SSAExperimentConfig, "SSA: dense vs subsampled training, dense fine-tune and self-ensembles")
@@ -93,47 +97,32 @@ def run(cfg: SSAExperimentConfig, ctx) -> dict:
     if cfg.factor < 1 or not 0 <= cfg.finetune_fraction <= 1:
         raise UserError("factor must be >= 1 and finetune_fraction in [0, 1]")
     ft_steps = max(1, round(cfg.steps * cfg.finetune_fraction))
-    tok = build_tokenizer("byte")
-    corpus = TextCorpus(cfg.data, tok)
+    data = DataConfig(path=cfg.data, eval_batches=cfg.eval_batches)
+    tok = tokenizer_for(data)
+    corpus = corpus_for(data, tok)
     eval_set = list(corpus.eval_windows("val", cfg.seq_len, cfg.batch_size, max_batches=cfg.eval_batches))
     if not eval_set:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.seq_len}")
 
-    def tcfg(steps, seed, **kw):
-        return TrainConfig(steps=steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, log_every=10,
-                           seed=seed, device=str(ctx.device), dtype=cfg.dtype, tensorboard=False, progress=False,
-                           keep_checkpoints=1, **kw)
-
     models, rows, curves = {}, [], {}
     plan = [v for v in VARIANTS if v in cfg.variants or (v == "ssa-local" and "ssa-local+ft" in cfg.variants)]
     for variant in plan:
+        print(f"== {variant}", flush=True)
         if variant == "ssa-local+ft":
-            # Continue the ssa-local model with dense attention: the trainer switches every kernel to dense
-            # for its last `dense_finetune_steps` steps, here all of them. Fresh batches (another task seed).
-            model = _clone(models["ssa-local"])
-            task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1, eval_batches=cfg.eval_batches)
-            res = train(model, task, tcfg(ft_steps, cfg.seed + 1, dense_finetune_steps=ft_steps),
-                        OptimConfig(lr=cfg.finetune_lr, min_lr=cfg.finetune_lr / 10, warmup_steps=min(10, ft_steps)),
-                        out_dir=ctx.out / "runs" / variant)
+            model, task, res = ctx.train(finetune_run(base(cfg, data), cfg, ft_steps), variant,
+                                         model=_clone(models["ssa-local"]), corpus=corpus, tokenizer=tok)
             before = curves["ssa-local"]  # the curve goes on from where ssa-local ended
             curves[variant] = ([before[0][-1]] + [before[0][-1] + e["step"] for e in res.evals],
                                [before[1][-1]] + [e["val_loss"] for e in res.evals])
             with attention_mode(model, "dense"):
-                step_s, peak, steps_done = res.step_s, _step_peak(model, task, ctx.device), before[0][-1] + res.steps
-            models[variant] = model
+                step_s, peak = res.step_s, training_step_peak(model, task, ctx.device)
+            steps_done = before[0][-1] + res.steps
         else:
-            torch.manual_seed(cfg.seed)
-            mcfg = LMConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                            max_seq_len=cfg.seq_len, attention=_spec(variant, cfg))
-            model = LM(mcfg)
-            task = TextLMTask(corpus, cfg.seq_len, cfg.batch_size, seed=cfg.seed, eval_batches=cfg.eval_batches)
-            print(f"== {variant}", flush=True)
-            res = train(model, task, tcfg(cfg.steps, cfg.seed),
-                        OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps),
-                        out_dir=ctx.out / "runs" / variant)
+            model, task, res = ctx.train(variant_run(base(cfg, data), cfg, variant), variant, corpus=corpus,
+                                         tokenizer=tok)
             curves[variant] = ([e["step"] for e in res.evals], [e["val_loss"] for e in res.evals])
-            step_s, peak, steps_done = res.step_s, _step_peak(model, task, ctx.device), res.steps
-            models[variant] = model
+            step_s, peak, steps_done = res.step_s, training_step_peak(model, task, ctx.device), res.steps
+        models[variant] = model
         rows.append({"variant": variant, "steps": steps_done, "step_s": step_s, "peak_MB": peak})
         print(f"   {variant}: {steps_done} steps, {step_s:.3f} s/step", flush=True)
 

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..report import Report
 from ..training import train
 from ..training.device import resolve_device
-from .build import build
+from .build import build, build_task
 from .config import RunConfig, with_train
 
 Kind = Literal["experiment", "benchmark"]
@@ -97,17 +97,19 @@ class Context:
         return self.report.jsonl(name, rows)
 
     def train(self, cfg: RunConfig, name: str, *, model=None, task=None, paired: bool = False, corpus=None,
-              tokenizer=None, record: bool = False):
-        """Train the run `cfg` into OUT/runs/NAME (OUT/NAME when it names a folder) on this experiment's device.
+              tokenizer=None, record: bool = False, under: str = "runs"):
+        """Train the run `cfg` into OUT/UNDER/NAME on this experiment's device.
 
         The model and task are built from `cfg` (seeded by cfg.train.seed; `paired`: see run.build.build_model)
         unless given. record: save the run and data config with the checkpoints, so `attnlab eval` can load
         the run later. Returns (model, task, TrainResult)."""
         cfg = with_train(cfg, device=str(self.device), dtype=self.cfg.dtype)
-        if model is None or task is None:
+        if model is None:
             built = build(cfg, paired=paired, corpus=corpus, tokenizer=tokenizer)
-            model, task, cfg = model or built.model, task or built.task, built.config
-        out = self.out / (name if "/" in name else f"runs/{name}")
+            model, task, cfg = built.model, task or built.task, built.config
+        elif task is None:
+            task = build_task(cfg.data, model.cfg, cfg.train.batch_size, cfg.train.seed, tokenizer, corpus=corpus)
+        out = self.out / under / name
         run_config = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data)} if record else None
         res = train(model, task, cfg.train, cfg.optim, out_dir=out, run_config=run_config)
         return model, task, res

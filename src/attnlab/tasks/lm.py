@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from ..inference.ensemble import evaluate_lm
 from ..training.trainer import batch_generator
 

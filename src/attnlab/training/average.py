@@ -8,7 +8,6 @@ lands closer to the middle of the basin they circle, which usually scores a litt
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
