@@ -166,3 +166,16 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(x), model(x))
     model.train()
     assert not torch.allclose(model(x), model(x))
+
+
+def test_config_round_trips_through_a_plain_dict():
+    # What the trainer stores in a checkpoint is what `attnlab eval` rebuilds the model from.
+    from dataclasses import asdict
+
+    from attnlab.config import from_dict
+
+    cfg = ViTConfig(image_size=8, patch_size=2, d_model=16, n_head=2, pool="mean", pos="sincos",
+                    attention=AttentionSpec(name="ssa", options={"factor": 2}, transform="kv_shift"))
+    assert from_dict(ViTConfig, asdict(cfg)) == cfg
+    with pytest.raises(UserError, match="pool"):
+        from_dict(ViTConfig, {"pool": "max"})
