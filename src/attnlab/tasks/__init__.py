@@ -6,6 +6,7 @@
     eval_batches(split, limit) -> iterator          the batches `evaluate` reads
 """
 
+from .image import ImageClassificationTask
 from .lm import SyntheticConfig, SyntheticTask, TextLMTask
 
-__all__ = ["SyntheticConfig", "SyntheticTask", "TextLMTask"]
+__all__ = ["ImageClassificationTask", "SyntheticConfig", "SyntheticTask", "TextLMTask"]
