@@ -6,6 +6,7 @@
     eval_batches(split, limit) -> iterator          the batches `evaluate` reads
 """
 
+from .forecast import ForecastTask
 from .lm import SyntheticConfig, SyntheticTask, TextLMTask
 
-__all__ = ["SyntheticConfig", "SyntheticTask", "TextLMTask"]
+__all__ = ["ForecastTask", "SyntheticConfig", "SyntheticTask", "TextLMTask"]
