@@ -6,7 +6,8 @@
     eval_batches(split, limit) -> iterator          the batches `evaluate` reads
 """
 
+from .forecast import ForecastTask
 from .image import ImageClassificationTask
 from .lm import SyntheticConfig, SyntheticTask, TextLMTask
 
-__all__ = ["ImageClassificationTask", "SyntheticConfig", "SyntheticTask", "TextLMTask"]
+__all__ = ["ForecastTask", "ImageClassificationTask", "SyntheticConfig", "SyntheticTask", "TextLMTask"]
