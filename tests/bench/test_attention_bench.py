@@ -12,7 +12,7 @@ from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
 
 TINY = dict(heads=2, head_dim=8, error_seeds=2, error_lengths=[150],
-            error_options={"block_size": 16, "sample_size": 16, "min_seq_len": 32},
+            error_options={"hyper": {"block_size": 16, "sample_size": 16, "min_seq_len": 32}},
             options={"hyper": {"block_size": 16, "sample_size": 16, "min_seq_len": 64}})
 
 
@@ -31,7 +31,7 @@ def test_variants_cover_the_registry_and_keep_an_equal_key_budget():
     for m in ("kmeans", "kmedian", "leverage", "norm"):
         o = labels[f"hyper+{m}"].options
         assert o["top_k"] + o["sample_size"] == 16 and o["prescore"] == m
-    assert "hyper zero-pad" in {v.label for v in variants(cfg, error_study=True)}
+    assert "hyper zero-pad" in {v.label for v in variants(cfg, "error")}
     with pytest.raises(UserError):
         variants(BenchConfig(mechanisms=["nope"]))
     extra = variants(BenchConfig(**TINY, extra={"hyper small": {"name": "hyper", "block_size": 8}}))
@@ -81,7 +81,7 @@ def test_error_study_reads_q_k_v_from_a_saved_checkpoint(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     save_checkpoint(tmp_path / "run", 1, model, {"run": {"model": asdict(mcfg), "data": {"path": str(text)}}})
     cfg = BenchConfig(checkpoint=str(tmp_path / "run"), capture_len=150, error_lengths=[], mechanisms=["hyper"],
-                      prescore=["norm"], **{k: v for k, v in TINY.items() if k not in ("error_lengths",)})
+                      variants=["hyper zero-pad", "hyper+norm"], **{k: v for k, v in TINY.items() if k not in ("error_lengths",)})
     q, k, v, causal, what = captured_from_checkpoint(cfg, torch.device("cpu"))
     assert q.shape == (1, 2, 150, 8) and causal and "150 tokens of t.txt" in what
     rows = error_rows(cfg, torch.device("cpu"), torch.float32)
