@@ -8,11 +8,12 @@ from attnlab.attention import exact_attention, kernels
 from attnlab.run.experiment import run_experiment
 from attnlab.bench.attention import (BenchConfig, _predict, capture_qkv, fit_n2, logit_offset_stats,
                                     offset_qkv, shift_keys, variants)
+from attnlab.bench.variants import check_variant_labels
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
 
 TINY = dict(heads=2, head_dim=8, error_seeds=2, error_lengths=[150],
-            error_options={"block_size": 16, "sample_size": 16, "min_seq_len": 32},
+            error_options={"hyper": {"block_size": 16, "sample_size": 16, "min_seq_len": 32}},
             options={"hyper": {"block_size": 16, "sample_size": 16, "min_seq_len": 64}})
 
 
@@ -31,13 +32,20 @@ def test_variants_cover_the_registry_and_keep_an_equal_key_budget():
     for m in ("kmeans", "kmedian", "leverage", "norm"):
         o = labels[f"hyper+{m}"].options
         assert o["top_k"] + o["sample_size"] == 16 and o["prescore"] == m
-    assert "hyper zero-pad" in {v.label for v in variants(cfg, error_study=True)}
+    assert "hyper zero-pad" in {v.label for v in variants(cfg, "error")}
     with pytest.raises(UserError):
         variants(BenchConfig(mechanisms=["nope"]))
     extra = variants(BenchConfig(**TINY, extra={"hyper small": {"name": "hyper", "block_size": 8}}))
     assert [(v.name, v.options) for v in extra if v.label == "hyper small"] == [("hyper", {"block_size": 8})]
     with pytest.raises(UserError):
         variants(BenchConfig(extra={"x": {"block_size": 8}}))
+    # Derived variants come from the mechanism's kernel class and can be chosen by label.
+    assert all(v.base == v.name for v in variants(cfg) if v.base)
+    assert not any(v.base for v in variants(BenchConfig(**TINY, variants=[])))
+    chosen = variants(BenchConfig(**TINY, variants=["hyper+norm"]), "error")
+    assert [v.label for v in chosen if v.base] == ["hyper+norm"]
+    with pytest.raises(UserError):
+        check_variant_labels(BenchConfig(variants=["hyper+nope"]))
 
 
 def test_bench_writes_every_mechanism_with_errors_against_exact(tmp_path):
@@ -51,6 +59,10 @@ def test_bench_writes_every_mechanism_with_errors_against_exact(tmp_path):
         assert float(r["time_s"]) > 0
     hyper = [r for r in rows if r["variant"] == "hyper" and r["n"] == "160"]
     assert len(hyper) == 2 and all(float(r["rel_err_gaussian"]) > 0 for r in hyper)  # it approximates
+    for r in rows:
+        if r["variant"].startswith("hyper+"):
+            plain = next(p for p in rows if p["variant"] == "hyper" and (p["mode"], p["n"]) == (r["mode"], r["n"]))
+            assert float(r["overhead_vs_hyper"]) == pytest.approx(float(r["time_s"]) / float(plain["time_s"]) - 1)
     errs = list(csv.DictReader(open(out / "errors.csv")))
     assert {"hyper", "hyper zero-pad", "hyper+kmeans"} <= {r["variant"] for r in errs}
     for name in ("report.md", "time.png", "memory.png", "summary.json"):
@@ -81,7 +93,7 @@ def test_error_study_reads_q_k_v_from_a_saved_checkpoint(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     save_checkpoint(tmp_path / "run", 1, model, {"run": {"model": asdict(mcfg), "data": {"path": str(text)}}})
     cfg = BenchConfig(checkpoint=str(tmp_path / "run"), capture_len=150, error_lengths=[], mechanisms=["hyper"],
-                      prescore=["norm"], **{k: v for k, v in TINY.items() if k not in ("error_lengths",)})
+                      variants=["hyper zero-pad", "hyper+norm"], **{k: v for k, v in TINY.items() if k not in ("error_lengths",)})
     q, k, v, causal, what = captured_from_checkpoint(cfg, torch.device("cpu"))
     assert q.shape == (1, 2, 150, 8) and causal and "150 tokens of t.txt" in what
     rows = error_rows(cfg, torch.device("cpu"), torch.float32)

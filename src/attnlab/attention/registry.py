@@ -17,7 +17,7 @@ Models never branch on which mechanism runs: they ask the registry to build one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -63,6 +63,20 @@ class Kernel(nn.Module):
 
     def attend(self, q, k, v, *, causal, mask, scale, return_lse):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # What `attnlab bench attention` asks a mechanism, so that it never branches on a mechanism's name.
+    small_options: ClassVar[dict] = {}
+    """options under which the mechanism approximates at a few thousand keys (the benchmark's error study)"""
+    paired_designs: ClassVar[dict[str, tuple[str, str, str]]] = {}
+    """bench_variants (by label suffix) that make the same random draws as the mechanism and differ from it
+    only on some query rows: (those rows, the mechanism's design, the variant's design), which name the error
+    study's columns `{rows}_share`, `rel_err_{rows}_{design}` and `lse_err_{rows}_{design}`"""
+
+    @classmethod
+    def bench_variants(cls, options: dict, study: str) -> dict[str, dict]:
+        """Variants worth measuring beside the mechanism with `options`: {label suffix: options}.
+        study: "speed" (time, memory) or "error" (the error at equal sizes)."""
+        return {}
 
 
 class Transform(nn.Module):

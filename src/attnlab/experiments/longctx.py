@@ -160,8 +160,8 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     n_err = cfg.error_len or cfg.context - int(cfg.hyper.get("block_size", 256)) // 2 - 1
     x = next(iter(corpus.eval_windows("val", n_err, 1)))[0].to(ctx.device)
     (q, k, v), _ = capture_qkv(model, x, layer=-1)
-    bcfg = BenchConfig(mechanisms=["hyper"], prescore=list(cfg.prescore), prescore_top_k=top_k,
-                       error_options=dict(cfg.hyper), error_seeds=cfg.error_seeds, heads=q.shape[1],
+    bcfg = BenchConfig(mechanisms=["hyper"], variants=["hyper zero-pad"] + [f"hyper+{m}" for m in cfg.prescore],
+                       error_options={"hyper": {**cfg.hyper, "top_k": top_k}}, error_seeds=cfg.error_seeds, heads=q.shape[1],
                        kv_heads=k.shape[1], head_dim=q.shape[3], seed=cfg.seed)
     sources = [(f"trained LM, last layer, n={n_err}", (q, k, v)),
                (f"gaussian n={n_err}", gaussian_qkv(bcfg, n_err, cfg.seed, ctx.device, q.dtype))]

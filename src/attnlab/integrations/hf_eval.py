@@ -262,7 +262,7 @@ def _check(cfg: HFEvalConfig) -> None:
 
 def byte_level_tokenizer():
     """A transformers tokenizer whose ids are the UTF-8 bytes of the text (0..255), for byte-level models
-    such as the one `benchmarks/make_tiny_llama.py` trains; save it next to the model with save_pretrained."""
+    such as the one `python -m attnlab.integrations.tiny_llama` trains; save it next to the model with save_pretrained."""
     require_transformers()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

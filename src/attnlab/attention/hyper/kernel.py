@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from ...errors import UserError
 from ..masks import combine
 from ..merge import merge, merge_
-from ..registry import Capabilities, Kernel, register_kernel
+from ..registry import Capabilities, Kernel, make_config, register_kernel
 from . import lsh
 from .lse import attention_lse, lse_dtype, mask_bias
-from .prescore import key_scores
+from .prescore import METHODS, key_scores
 
 
 @dataclass
@@ -387,6 +387,21 @@ def _rect(q, k, v, mask, ctx):
                  "HyperAttention: sortLSH blocks + sampled residual, optional key pre-scoring")
 class HyperAttention(Kernel):
     """HyperAttention (sortLSH diagonal blocks + uniformly sampled residual), optionally with pre-scored keys."""
+
+    small_options = {"block_size": 64, "sample_size": 64, "min_seq_len": 256}
+    paired_designs = {" zero-pad": ("padded_rows", "masked", "zero_pad")}
+
+    @classmethod
+    def bench_variants(cls, options: dict, study: str) -> dict[str, dict]:
+        """Each pre-scoring method at the key budget of `options`: `top_k` (given in `options`; default half
+        the sample budget) of the `sample_size` residual keys are pre-scored instead of sampled. The error
+        study adds the zero-padding design (the official code's), which draws what masked padding draws."""
+        budget = make_config(HyperConfig, options, "attention 'hyper'").sample_size
+        top_k = min(options.get("top_k") or max(1, budget // 2), budget)
+        out = {" zero-pad": {**options, "zero_pad": True}} if study == "error" else {}
+        for m in METHODS:
+            out[f"+{m}"] = {**options, "prescore": m, "top_k": top_k, "sample_size": budget - top_k}
+        return out
 
     def attend(self, q, k, v, *, causal, mask, scale, return_lse):
         o, lse = hyper_attention(q, k, v, self.config, causal=causal, mask=mask, scale=scale)
