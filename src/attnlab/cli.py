@@ -30,7 +30,12 @@ def _typed(cls, help_: str):
     return p
 
 
-def build_parser():
+def _config_class(mod, argv):
+    """A command's config class; a command whose options depend on a choice (train --task) picks it from argv."""
+    return mod.config_class(argv) if hasattr(mod, "config_class") else mod.Config
+
+
+def build_parser(argv: list[str] = ()):
     from jsonargparse import ArgumentParser, set_parsing_settings
 
     from .commands import COMMANDS
@@ -42,7 +47,7 @@ def build_parser():
     for name, (module, help_) in COMMANDS.items():
         mod = importlib.import_module(module)
         if not hasattr(mod, "entries"):
-            sub.add_subcommand(name, _typed(mod.Config, help_), help=help_)
+            sub.add_subcommand(name, _typed(_config_class(mod, argv), help_), help=help_)
             continue
         # jsonargparse wants a level's subcommand attached before the next level is added under it.
         group = ArgumentParser(exit_on_error=False, description=help_)
@@ -62,7 +67,7 @@ def _config(ns, cls):
     return from_dict(cls, d)
 
 
-def dispatch(ns):
+def dispatch(ns, argv: list[str] = ()):
     from .commands import COMMANDS
 
     mod = importlib.import_module(COMMANDS[ns.command][0])
@@ -70,13 +75,13 @@ def dispatch(ns):
     if hasattr(mod, "entries"):
         name = args.name
         return mod.main(name, _config(args[name], mod.entries()[name][0]))
-    return mod.main(_config(args, mod.Config))
+    return mod.main(_config(args, _config_class(mod, argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        dispatch(build_parser().parse_args(argv))
+        dispatch(build_parser(argv).parse_args(argv), argv)
         return 0
     except UserError as e:
         print(f"attnlab: error: {_flatten(str(e))}", file=sys.stderr)

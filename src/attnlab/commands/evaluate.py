@@ -34,6 +34,8 @@ class Config:
     """autocast dtype: auto, float32, bfloat16"""
     seed: int = 0
     """seed of the stochastic passes"""
+    out: str = ""
+    """where tasks that draw pictures (confusion matrices, forecasts) put them; default RUN/eval"""
 
     def __post_init__(self):
         for name in ("batch_size", "batches", "ensemble"):
@@ -44,7 +46,7 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
-    from ..run.evaluate import evaluate
+    from ..run.kinds import kind
     from ..run.load import load_run
     from ..training.device import resolve_device
 
@@ -52,15 +54,8 @@ def main(cfg: Config) -> dict:
         raise UserError("--ckpt is required")
     run = load_run(cfg.ckpt)
     device, amp = resolve_device(cfg.device, cfg.dtype)
-    model = run.model.to(device).eval()
-    context = cfg.context or model.cfg.max_seq_len
-    if context > model.cfg.max_seq_len:
-        raise UserError(f"--context {context} is longer than the model's max_seq_len={model.cfg.max_seq_len}")
-    task = run.task(batch_size=cfg.batch_size, seed=cfg.seed, seq_len=context, data_path=cfg.data)
-    metrics = evaluate(model, task, mode=cfg.mode, ensemble=cfg.ensemble, split=cfg.split, batches=cfg.batches,
-                       device=device, amp=amp, seed=cfg.seed)
-    result = {"ckpt": str(run.ckpt), "mode": cfg.mode, "ensemble": cfg.ensemble, "context": context, **metrics}
-    if run.data.source == "text":
-        result.pop("accuracy")  # next-byte accuracy is not what a text run reports
+    run.model.to(device).eval()
+    metrics = kind(run.kind).evaluate(run, cfg, device, amp)
+    result = {"ckpt": str(run.ckpt), "task": run.kind, "mode": cfg.mode, "ensemble": cfg.ensemble, **metrics}
     print(json.dumps(result, indent=2))
     return result

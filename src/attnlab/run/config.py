@@ -48,6 +48,9 @@ class RunConfig:
 
     out: str = "runs/train"
     """the run folder: checkpoints, metrics.jsonl, TensorBoard events, tokenizer"""
+    task: Literal["lm"] = "lm"
+    """what is trained: lm (a decoder LM on text or a synthetic task); other tasks take other options (give
+    --task first on the command line to see them with --help)"""
     model: LMConfig = field(default_factory=LMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
