@@ -27,11 +27,16 @@ from ..errors import UserError
 
 @dataclass(frozen=True)
 class Capabilities:
-    causal: bool = True  # supports causal=True
-    noncausal: bool = True  # supports causal=False (encoders, cross-attention)
-    mask: bool = True  # honours an explicit boolean mask (padding, documents)
-    kv_cache: bool = True  # can decode: fewer queries than keys, keys from a cache
-    stochastic: bool = False  # output depends on a random draw
+    causal: bool = True
+    """supports causal=True"""
+    noncausal: bool = True
+    """supports causal=False (encoders, cross-attention)"""
+    mask: bool = True
+    """honours an explicit boolean mask (padding, documents)"""
+    kv_cache: bool = True
+    """can decode: fewer queries than keys, keys from a cache"""
+    stochastic: bool = False
+    """output depends on a random draw"""
 
 
 class Kernel(nn.Module):
@@ -210,18 +215,19 @@ def _load_builtins():
 
 @dataclass
 class AttentionSpec:
-    """Which attention a model uses, typed for YAML and the CLI.
-
-    name/options: the kernel and its config (see `attnlab list`).
-    layers: where `name` runs: "all", "first:N", "last:N", "odd", "even", or "0,3,5"; other layers use exact.
-    transform/transform_options: an optional key/value transform (e.g. "kv_shift") applied in every layer.
-    """
+    """Which attention a model uses: a mechanism in chosen layers (exact elsewhere), and an optional key/value
+    transform in every layer."""
 
     name: str = "exact"
+    """the attention mechanism (`attnlab list`)"""
     options: dict[str, Any] = field(default_factory=dict)
+    """the mechanism's options, e.g. {"factor": 4}"""
     layers: str = "all"
+    """where the mechanism runs: all, first:N, last:N, odd, even, or 0,3,5; other layers use exact"""
     transform: str = "none"
+    """key/value transform applied in every layer (kv_shift or none)"""
     transform_options: dict[str, Any] = field(default_factory=dict)
+    """the transform's options"""
 
 
 def select_layers(spec: str, n_layer: int) -> list[int]:

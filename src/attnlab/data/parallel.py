@@ -77,13 +77,21 @@ class NumberTaskConfig:
     or "digits" for the number itself."""
 
     src_lang: str = "en"
+    """source language (num2words code)"""
     tgt_lang: str = "fr"
+    """target language (num2words code)"""
     low: int = 0
+    """smallest number drawn"""
     high: int = 999_999
+    """largest number drawn"""
     n_train: int = 20_000
+    """training numbers"""
     n_valid: int = 300
+    """validation numbers"""
     n_test: int = 1_000
+    """held-out test pairs of a user corpus"""
     seed: int = 0
+    """seed of the draw"""
 
 
 @dataclass
@@ -91,7 +99,8 @@ class Splits:
     train: list[Pair]
     valid: list[Pair]
     test: list[Pair]
-    numbers: dict[str, list[int]] | None = None  # which numbers each split holds (the number task)
+    numbers: dict[str, list[int]] | None = None
+    """which numbers each split holds (the number task)"""
 
 
 def spell(n: int, lang: str) -> str:
@@ -184,9 +193,12 @@ class ParallelVocab:
 
 @dataclass
 class EncodedPairs:
-    src: list[list[int]]  # source ids, EOS included
-    tgt: list[list[int]]  # target ids, EOS included (no BOS)
-    dropped: int = 0  # pairs left out because a side was longer than max_len
+    src: list[list[int]]
+    """source ids, EOS included"""
+    tgt: list[list[int]]
+    """target ids, EOS included (no BOS)"""
+    dropped: int = 0
+    """pairs left out because a side was longer than max_len"""
 
 
 def encode_pairs(pairs: list[Pair], vocab: ParallelVocab, max_len: int | None = None) -> EncodedPairs:

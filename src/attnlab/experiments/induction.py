@@ -21,20 +21,35 @@ from ..run.inspect import shift_coefficients
 @dataclass
 class InductionConfig(ExperimentConfig):
     tasks: list[Literal["induction", "mqar"]] = field(default_factory=lambda: ["induction", "mqar"])
+    """synthetic tasks to run: induction, mqar"""
     layers: list[int] = field(default_factory=lambda: [1, 2])
+    """layer counts to compare"""
     vocab_size: int = 128
+    """vocabulary size of the synthetic tasks"""
     seq_len: int = 128
+    """sequence length"""
     mqar_kv_pairs: int = 16
+    """key-value pairs per MQAR sequence"""
     d_model: int = 128
+    """model width"""
     n_head: int = 4
+    """attention heads per layer"""
     batch_size: int = 32
+    """sequences per step"""
     lr: float = 1e-3
+    """peak learning rate (AdamW, cosine decay to lr/10)"""
     warmup_steps: int = 100
+    """linear learning-rate warm-up steps"""
     max_steps: int = 3000
-    target_accuracy: float = 0.99  # early stop
+    """at most this many training steps per run"""
+    target_accuracy: float = 0.99
+    """early stop"""
     eval_every: int = 50
+    """steps between evaluations"""
     eval_batches: int = 4
-    kv_shift: dict = field(default_factory=dict)  # options of the KV-shift models (see `attnlab list`)
+    """held-out batches per evaluation"""
+    kv_shift: dict = field(default_factory=dict)
+    """options of the KV-shift models (see `attnlab list`)"""
 
 
 def _claims(rows: list[dict], target: float) -> list[str]:

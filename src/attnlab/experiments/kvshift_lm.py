@@ -42,21 +42,36 @@ def table4_counts(rows: list[dict]) -> dict[str, int]:
 
 @dataclass
 class KVShiftLMConfig(ExperimentConfig):
-    data: str = ""  # a text file or folder (required)
+    data: str = ""
+    """a text file or folder (required)"""
     tokenizer: Literal["char", "byte"] = "char"
+    """char: the corpus's characters; byte: the 256 byte values"""
     n_layer: int = 4
+    """number of Transformer layers"""
     n_head: int = 4
+    """attention heads per layer"""
     d_model: int = 128
+    """model width"""
     seq_len: int = 128
+    """tokens per training sequence (the model's context)"""
     batch_size: int = 16
+    """sequences per training step"""
     steps: int = 600
+    """training steps per run"""
     lr: float = 2e-3
+    """peak learning rate (AdamW, cosine decay to lr/10)"""
     warmup_steps: int = 50
+    """linear learning-rate warm-up steps"""
     eval_every: int = 100
+    """steps between evaluations"""
     eval_batches: int = 10
+    """validation batches per evaluation"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds to run every variant with"""
     ablations: list[str] = field(default_factory=lambda: ["k_only", "v_only", "window2"])
-    ablation_seeds: int = 3  # how many of `seeds` the ablations run on
+    """ablations to run besides vanilla and KV-shift: k_only, v_only, window2"""
+    ablation_seeds: int = 3
+    """how many of `seeds` the ablations run on"""
 
 
 def base(cfg: KVShiftLMConfig, seed: int, data: DataConfig, vocab_size: int) -> RunConfig:

@@ -37,25 +37,43 @@ PRESCORE = ["kmeans", "kmedian", "leverage", "norm"]
 
 @dataclass
 class LongCtxConfig(ExperimentConfig):
-    data: str = ""  # a text file or folder (required); read as bytes
-    context: int = 2048  # training and evaluation length
+    data: str = ""
+    """a text file or folder (required); read as bytes"""
+    context: int = 2048
+    """training and evaluation length"""
     n_layer: int = 4
+    """number of Transformer layers"""
     n_head: int = 4
+    """attention heads per layer"""
     d_model: int = 128
+    """model width"""
     batch_size: int = 4
+    """windows per training step"""
     steps: int = 300
+    """training steps (exact attention)"""
     lr: float = 3e-3
+    """peak learning rate (AdamW, cosine decay to lr/10)"""
     warmup_steps: int = 30
+    """linear learning-rate warm-up steps"""
     eval_every: int = 100
-    eval_windows: int = 16  # validation windows of `context` bytes, the same for every setting
-    layers: list[str] = field(default_factory=list)  # where hyper goes; empty: last half, first half, all
+    """steps between evaluations"""
+    eval_windows: int = 16
+    """validation windows of `context` bytes, the same for every setting"""
+    layers: list[str] = field(default_factory=list)
+    """where hyper goes; empty: last half, first half, all"""
     hyper: dict = field(default_factory=lambda: {"block_size": 64, "sample_size": 64, "min_seq_len": 256,
                                                  "lsh_bits": 6})
+    """HyperAttention options of the swapped-in layers (`attnlab list`), small enough to approximate here"""
     prescore: list[str] = field(default_factory=lambda: list(PRESCORE))
-    top_k: int = 0  # pre-scored keys per (sequence, head), out of sample_size; 0: half of it
-    error_len: int = 0  # capture length for the error study; 0: context - block/2 - 1 (so blocks need padding)
+    """pre-scoring methods to compare at an equal key budget (kmeans, kmedian, leverage, norm)"""
+    top_k: int = 0
+    """pre-scored keys per (sequence, head), out of sample_size; 0: half of it"""
+    error_len: int = 0
+    """capture length for the error study; 0: context - block/2 - 1 (so blocks need padding)"""
     error_seeds: int = 3
-    checkpoint: str = ""  # evaluate this attnlab byte LM (run or checkpoint folder) instead of training one
+    """seeds the error study averages over"""
+    checkpoint: str = ""
+    """evaluate this attnlab byte LM (run or checkpoint folder) instead of training one"""
 
 
 def _quick(cfg: LongCtxConfig) -> LongCtxConfig:

@@ -37,18 +37,29 @@ TABLE1 = [
 @dataclass
 class ParallelConfig(ExperimentConfig):
     lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
+    """sequence lengths to measure"""
     vocab_size: int = 256
-    d_model: int = 256  # Transformer width (its d_ff is 4·d_model)
-    n_layer: int = 4  # Transformer layers
+    """vocabulary size of both models"""
+    d_model: int = 256
+    """Transformer width (its d_ff is 4·d_model)"""
+    n_layer: int = 4
+    """Transformer layers"""
     n_head: int = 4
-    lstm_layers: int = 2  # the LSTM's width is chosen to match the Transformer's parameter count
+    """attention heads of the Transformer"""
+    lstm_layers: int = 2
+    """the LSTM's width is chosen to match the Transformer's parameter count"""
     tokens_per_batch: int = 4096
+    """tokens per training batch (tokens_per_batch / n sequences of length n)"""
     repeats: int = 3
+    """timed repetitions per point (the median is kept)"""
     # Torch threads for the sweep (0: torch's default). One thread compares the architectures' work, free of how
     # well each spreads over cores that other jobs may be using; `reference_threads` measures that separately.
     threads: int = 1
-    reference_length: int = 512  # where the headline ratio is read
-    reference_threads: list[int] = field(default_factory=lambda: [2])  # re-measure n=reference_length with these
+    """torch CPU threads for the sweep (0: torch's default)"""
+    reference_length: int = 512
+    """where the headline ratio is read"""
+    reference_threads: list[int] = field(default_factory=lambda: [2])
+    """re-measure n=reference_length with these"""
 
 
 def build_models(cfg: ParallelConfig):

@@ -38,23 +38,40 @@ from ..training.device import autocast
 
 @dataclass
 class SSAExperimentConfig(ExperimentConfig):
-    data: str = ""  # a text file or folder (required)
+    data: str = ""
+    """a text file or folder (required)"""
     seq_len: int = 1024
+    """tokens per training sequence (the model's context)"""
     n_layer: int = 4
+    """number of Transformer layers"""
     n_head: int = 4
+    """attention heads per layer"""
     d_model: int = 256
+    """model width"""
     batch_size: int = 8
+    """sequences per training step"""
     steps: int = 2000
+    """training steps of each variant"""
     lr: float = 2e-3
+    """peak learning rate (AdamW, cosine decay to lr/10)"""
     warmup_steps: int = 100
-    factor: int = 4  # S
-    spread: float = 1.0  # local sampling noise, in window widths
+    """linear learning-rate warm-up steps"""
+    factor: int = 4
+    """S"""
+    spread: float = 1.0
+    """local sampling noise, in window widths"""
     finetune_fraction: float = 0.1
+    """dense fine-tune length as a share of `steps`"""
     finetune_lr: float = 3e-4
+    """peak learning rate of the dense fine-tune"""
     ensemble_k: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """self-ensemble sizes K to evaluate the SSA models with"""
     eval_every: int = 250
-    eval_batches: int = 8  # validation windows: eval_batches × batch_size × seq_len tokens
+    """steps between evaluations"""
+    eval_batches: int = 8
+    """validation windows: eval_batches × batch_size × seq_len tokens"""
     variants: list[str] = field(default_factory=lambda: ["dense", "ssa-unbiased", "ssa-local", "ssa-local+ft"])
+    """variants to train: dense, ssa-unbiased, ssa-local, ssa-local+ft"""
 
 
 VARIANTS = ("dense", "ssa-unbiased", "ssa-local", "ssa-local+ft")

@@ -39,23 +39,40 @@ STACKS = ("encoder", "decoder", "cross")
 @dataclass
 class Seq2SeqConfig:
     vocab_size: int = 1000  # joint source/target vocabulary, special tokens included
+    """vocabulary size (set from the trained vocabulary)"""
     n_layer: int = 6  # encoder layers
+    """number of Transformer layers"""
     n_dec_layer: int | None = None  # decoder layers (default: n_layer)
+    """decoder layers (0: as many as n_layer)"""
     n_head: int = 8
+    """attention heads per layer"""
     n_kv_head: int | None = None
+    """key/value heads (fewer than n_head: grouped-query attention; null: n_head)"""
     d_model: int = 512
+    """model width"""
     d_ff: int | None = None  # default 4·d_model
+    """hidden width of the MLP (null: the default for the MLP type)"""
     activation: Literal["relu", "gelu"] = "relu"
+    """MLP activation"""
     norm_position: Literal["post", "pre"] = "post"
+    """pre- or post-norm residual blocks"""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """normalisation layer"""
     max_seq_len: int = 256  # longest source and longest target (positions table)
+    """longest sequence the model accepts"""
     dropout: float = 0.1
+    """dropout rate"""
     bias: bool = True
+    """biases in linear layers and norms"""
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     attention_in: list[str] = field(default_factory=lambda: list(STACKS))
+    """where the mechanism runs"""
     pad_id: int = 0
+    """padding id (set from the vocabulary)"""
     bos_id: int = 1
+    """beginning-of-sentence id (set from the vocabulary)"""
     eos_id: int = 2
+    """end-of-sentence id (set from the vocabulary)"""
 
 
 class FeedForward(MLP):

@@ -44,10 +44,15 @@ class TextLMTask:
 @dataclass
 class SyntheticConfig:
     kind: Literal["induction", "mqar"] = "induction"
+    """induction (copy after a repeated token) or mqar (multi-query associative recall)"""
     vocab_size: int = 128
+    """vocabulary size of the task"""
     seq_len: int = 128
-    num_kv_pairs: int = 16  # mqar only
+    """sequence length"""
+    num_kv_pairs: int = 16
+    """mqar only"""
     eval_batches: int = 8
+    """fixed held-out batches per evaluation"""
 
 
 class SyntheticTask:
