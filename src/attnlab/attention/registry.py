@@ -247,7 +247,9 @@ def select_layers(spec: str, n_layer: int) -> list[int]:
             n = int(count)
             if n < 0:  # "first:-1" would otherwise select nothing without a word
                 raise ValueError(count)
-            out = list(range(min(n, n_layer))) if head == "first" else list(range(max(0, n_layer - n), n_layer))
+            if n > n_layer:  # clamping would hide a selection meant for a deeper model
+                raise UserError(f"layer selection {spec!r} asks for {n} layers but the model has {n_layer}")
+            out = list(range(n)) if head == "first" else list(range(n_layer - n, n_layer))
         else:
             out = sorted({int(x) for x in s.split(",") if x.strip()})
     except ValueError:

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionSpec, LayerCache, MultiHeadAttention, build_kernel, build_transform, select_layers
+from ..attention.registry import check_capabilities, kernel_entry, make_config, transforms
 from ..attention.positions import AbsolutePositions, Rotary
+from ..checks import fraction, literals, positive, require
 from ..errors import UserError
 from .blocks import MLP, default_d_ff, make_norm
 
@@ -33,6 +35,54 @@ class LMConfig:
     bias: bool = False
     tie_embeddings: bool = True
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+
+    def __post_init__(self):
+        p = "model"
+        positive(self, p, "vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "rope_base")
+        positive(self, p, "n_kv_head", "d_ff", optional=True)
+        fraction(self, p, "dropout")
+        literals(self, p)
+        check_heads(self, p)
+        if self.pos == "rope":
+            require((self.d_model // self.n_head) % 2 == 0,
+                    f"{p}.pos rope needs an even head dimension, but d_model/n_head = {self.d_model // self.n_head}")
+        if self.pos == "sinusoidal":
+            require(self.d_model % 2 == 0, f"{p}.pos sinusoidal needs an even d_model, got {self.d_model}")
+        check_attention_spec(self.attention, f"{p}.attention", {"decoder": (self.n_layer, {"causal": True})})
+
+
+def check_heads(cfg, p: str) -> None:
+    """d_model splits into n_head heads, and the query heads into n_kv_head groups."""
+    require(cfg.d_model % cfg.n_head == 0,
+            f"{p}.d_model ({cfg.d_model}) must be divisible by {p}.n_head ({cfg.n_head})")
+    if cfg.n_kv_head is not None:
+        require(cfg.n_head % cfg.n_kv_head == 0,
+                f"{p}.n_head ({cfg.n_head}) must be a multiple of {p}.n_kv_head ({cfg.n_kv_head})")
+
+
+def check_attention_spec(spec: AttentionSpec, p: str, stacks: dict[str, tuple[int, dict]]) -> None:
+    """Names, options, layer selection and capabilities of an AttentionSpec, without building anything.
+
+    stacks: {stack: (its number of layers, the capabilities it needs)}; the selection must fit each stack,
+    and the mechanism must have the capabilities of every stack where it runs in at least one layer.
+    """
+    entry = kernel_entry(spec.name)
+    make_config(entry.config_cls, spec.options, f"attention {spec.name!r}")
+    if spec.transform in (None, "", "none"):
+        require(not spec.transform_options, f"{p}.transform_options were given but {p}.transform is none")
+    else:
+        tf = transforms().get(spec.transform)
+        require(tf is not None, f"unknown {p}.transform {spec.transform!r}; choose one of: none, "
+                                f"{', '.join(sorted(transforms()))}")
+        make_config(tf.config_cls, spec.transform_options, f"transform {spec.transform!r}")
+    for stack, (n, need) in stacks.items():
+        try:
+            chosen = select_layers(spec.layers, n)
+        except UserError as e:
+            where = f" ({stack})" if len(stacks) > 1 else ""
+            raise UserError(f"{p}.layers{where}: {e}") from None
+        if chosen:
+            check_capabilities(entry, need)
 
 
 class Block(nn.Module):
@@ -58,12 +108,8 @@ def build_attention_layers(cfg, *, causal: bool, d_context: int | None = None, r
     spec: AttentionSpec = cfg.attention
     chosen = set(select_layers(spec.layers, cfg.n_layer))
     need = {"causal": causal, "noncausal": not causal, **(extra_need or {})}
-    head_dim = cfg.d_model // cfg.n_head
+    head_dim = cfg.d_model // cfg.n_head  # the config checked divisibility when it was made
     n_kv = cfg.n_kv_head or cfg.n_head
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"d_model={cfg.d_model} is not divisible by n_head={cfg.n_head}")
-    if cfg.n_head % n_kv:
-        raise UserError(f"n_head={cfg.n_head} is not a multiple of n_kv_head={n_kv}")
     layers = []
     for i in range(cfg.n_layer):
         name, opts = (spec.name, spec.options) if i in chosen else ("exact", {})
@@ -79,8 +125,6 @@ class LM(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vocab_size < 1 or cfg.n_layer < 1 or cfg.max_seq_len < 1:
-            raise UserError("vocab_size, n_layer and max_seq_len must be positive")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = AbsolutePositions(cfg.pos, cfg.max_seq_len, cfg.d_model) if cfg.pos in ("sinusoidal", "learned") else None
         attns = build_attention_layers(cfg, causal=True, rotary=cfg.pos == "rope")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..checks import fraction, positive, require
 from ..errors import UserError
 
 
@@ -31,6 +32,10 @@ class LSTMLMConfig:
     n_layer: int = 2
     dropout: float = 0.0
     tie_embeddings: bool = True
+
+    def __post_init__(self):
+        positive(self, "lstm", "vocab_size", "d_model", "n_layer")
+        fraction(self, "lstm", "dropout")
 
 
 class LSTMLM(nn.Module):
@@ -98,6 +103,15 @@ class LSTMSeq2SeqConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+
+    def __post_init__(self):
+        positive(self, "lstm", "d_model", "n_layer", "max_seq_len")
+        fraction(self, "lstm", "dropout")
+        require(self.d_model % 2 == 0,
+                f"lstm.d_model must be even (the encoder has two directions of d_model/2), got {self.d_model}")
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        require(len(set(ids)) == 3 and min(ids) >= 0 and max(ids) < self.vocab_size,
+                f"lstm.pad_id, bos_id and eos_id must be distinct ids in [0, vocab_size={self.vocab_size}), got {ids}")
 
 
 @dataclass

@@ -29,9 +29,10 @@ from torch import nn
 from ..attention import AttentionSpec, LayerCache, MultiHeadAttention
 from ..attention.positions import sinusoidal_table
 from ..attention.registry import kernel_entry, select_layers
+from ..checks import fraction, literals, positive, require
 from ..errors import UserError
 from .blocks import MLP, make_norm
-from .lm import build_attention_layers
+from .lm import build_attention_layers, check_attention_spec, check_heads
 
 STACKS = ("encoder", "decoder", "cross")
 
@@ -73,6 +74,27 @@ class Seq2SeqConfig:
     """beginning-of-sentence id (set from the vocabulary)"""
     eos_id: int = 2
     """end-of-sentence id (set from the vocabulary)"""
+
+    def __post_init__(self):
+        p = "model"
+        positive(self, p, "n_layer", "n_head", "d_model", "max_seq_len")
+        positive(self, p, "n_dec_layer", "n_kv_head", "d_ff", optional=True)
+        require(self.vocab_size >= 3, f"{p}.vocab_size must be at least 3 (pad, bos, eos), got {self.vocab_size}")
+        fraction(self, p, "dropout")
+        literals(self, p)
+        check_heads(self, p)
+        require(self.d_model % 2 == 0, f"{p}.d_model must be even for sinusoidal positions, got {self.d_model}")
+        bad = sorted(set(self.attention_in) - set(STACKS))
+        require(not bad, f"{p}.attention_in names {bad}; choose among {', '.join(STACKS)}")
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        require(len(set(ids)) == 3 and min(ids) >= 0 and max(ids) < self.vocab_size,
+                f"{p}.pad_id, bos_id and eos_id must be distinct ids in [0, vocab_size={self.vocab_size}), got {ids}")
+        n_dec = self.n_dec_layer or self.n_layer
+        layers = {"encoder": self.n_layer, "decoder": n_dec, "cross": n_dec}
+        needs = {"encoder": {"noncausal": True, "mask": True}, "decoder": {"causal": True},
+                 "cross": {"noncausal": True, "mask": True, "kv_cache": True}}
+        check_attention_spec(self.attention, f"{p}.attention",
+                             {s: (layers[s], needs[s]) for s in STACKS if s in self.attention_in})
 
 
 class FeedForward(MLP):
@@ -147,13 +169,6 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vocab_size < 3 or cfg.n_layer < 1 or (cfg.n_dec_layer is not None and cfg.n_dec_layer < 1):
-            raise UserError("vocab_size must be at least 3 and the encoder and decoder need a layer or more")
-        bad = sorted(set(cfg.attention_in) - set(STACKS))
-        if bad:
-            raise UserError(f"attention_in names {bad}; choose among {', '.join(STACKS)}")
-        if len({cfg.pad_id, cfg.bos_id, cfg.eos_id}) != 3 or max(cfg.pad_id, cfg.bos_id, cfg.eos_id) >= cfg.vocab_size:
-            raise UserError("pad_id, bos_id and eos_id must be distinct ids below vocab_size")
         n_dec = cfg.n_dec_layer or cfg.n_layer
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)

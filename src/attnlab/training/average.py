@@ -11,10 +11,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from ..errors import UserError
+from .checkpoint import HASH_KEY, read_safetensors, save_safetensors
 
 WEIGHTS = "model.safetensors"
 
@@ -43,33 +41,28 @@ def average_checkpoints(paths, out) -> Path:
     dtypes: dict[str, torch.dtype] = {}
     metadata = None
     for n, f in enumerate(files):
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                keys = set(sf.keys())
-                if n == 0:
-                    metadata = sf.metadata()
-                    expected = keys
-                elif keys != expected:
-                    diff = sorted(keys ^ expected)[:3]
-                    raise UserError(f"{f} holds other tensors than {files[0]} (e.g. {', '.join(diff)}); "
-                                    f"only checkpoints of one model can be averaged")
-                for k in keys:
-                    t = sf.get_tensor(k)
-                    if n == 0:
-                        dtypes[k] = t.dtype
-                        total[k] = t.to(torch.float64) if t.is_floating_point() else t.clone()
-                        continue
-                    if t.shape != total[k].shape:
-                        raise UserError(f"tensor {k} has shape {list(t.shape)} in {f} but {list(total[k].shape)} "
-                                        f"in {files[0]}")
-                    if t.is_floating_point():
-                        total[k] += t.to(torch.float64)
-                    elif not torch.equal(t, total[k]):
-                        raise UserError(f"integer tensor {k} differs between {files[0]} and {f}; cannot average it")
-        except UserError:
-            raise
-        except Exception as e:  # safetensors raises its own types for damaged files
-            raise UserError(f"cannot read {f}: {e}") from None
+        tensors, meta = read_safetensors(f)  # one file at a time, its checksum verified
+        keys = set(tensors)
+        if n == 0:
+            metadata = meta
+            expected = keys
+        elif keys != expected:
+            diff = sorted(keys ^ expected)[:3]
+            raise UserError(f"{f} holds other tensors than {files[0]} (e.g. {', '.join(diff)}); "
+                            f"only checkpoints of one model can be averaged")
+        for k, t in tensors.items():
+            if n == 0:
+                dtypes[k] = t.dtype
+                total[k] = t.to(torch.float64) if t.is_floating_point() else t.clone()
+                continue
+            if t.shape != total[k].shape:
+                raise UserError(f"tensor {k} has shape {list(t.shape)} in {f} but {list(total[k].shape)} "
+                                f"in {files[0]}")
+            if t.is_floating_point():
+                total[k] += t.to(torch.float64)
+            elif not torch.equal(t, total[k]):
+                raise UserError(f"integer tensor {k} differs between {files[0]} and {f}; cannot average it")
+        del tensors
     avg = {k: (t / len(files)).to(dtypes[k]) if dtypes[k].is_floating_point else t for k, t in total.items()}
     o = Path(out).expanduser()
     if o.suffix != ".safetensors":
@@ -80,7 +73,7 @@ def average_checkpoints(paths, out) -> Path:
         o = o / WEIGHTS
     else:
         o.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(metadata or {})
+    meta = {k: v for k, v in (metadata or {}).items() if k != HASH_KEY}  # the average gets its own checksum
     meta["averaged_from"] = ",".join(str(f) for f in files)
-    save_file(avg, str(o), metadata=meta)
+    save_safetensors(avg, o, metadata=meta)
     return o
