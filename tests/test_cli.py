@@ -123,3 +123,32 @@ def test_list_names_every_mechanism_and_experiment(capsys):
     out = capsys.readouterr().out
     for name in [*kernels(), *entries()]:
         assert name in out
+
+
+def _undocumented(parser, path=()):
+    """Options of `parser` and its sub-commands whose help says nothing beyond type and default."""
+    import argparse
+
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _undocumented(sub, (*path, name))
+            continue
+        if not action.option_strings or action.dest in ("help", "config", "print_config"):
+            continue
+        if type(action).__name__ == "_ActionConfigLoad":  # the --model CONFIG loader of a nested section
+            continue
+        text = (action.help or "").strip()
+        if not text or text.startswith("(type"):
+            missing.append(" ".join((*path, action.option_strings[0])))
+    return missing
+
+
+def test_every_option_of_every_command_is_documented():
+    from attnlab.cli import build_parser
+    from attnlab.run.kinds import kinds
+
+    assert _undocumented(build_parser([])) == []
+    for task in kinds():
+        assert _undocumented(build_parser(["train", "--task", task])) == [], task

@@ -1,11 +1,12 @@
 """`attnlab train`: train a model of the kind `--task` names (default lm: a decoder LM); the run folder gets
-checkpoints, metrics.jsonl, TensorBoard events, the tokenizer if any, and `train_summary.json` at the end."""
+checkpoints, metrics.jsonl, TensorBoard events, the tokenizer if any, and `train_summary.json` at the end.
+Under torchrun every rank trains and only rank 0 writes and prints."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
-from pathlib import Path
 
 
 def config_class(argv: list[str]) -> type:
@@ -15,19 +16,27 @@ def config_class(argv: list[str]) -> type:
 
 
 def main(cfg) -> dict:
-    from ..errors import UserError
     from ..run.kinds import kind
-    from ..training import train
+    from ..training import claim_run_dir, distributed, is_main, train
+    from ..training.checkpoint import list_checkpoints
 
-    out = Path(cfg.out)
-    if out.exists() and (out / "checkpoints").exists() and not cfg.train.resume:
-        raise UserError(f"{out} already holds a run; pass --train.resume true to continue it, or choose another --out")
-    built = kind(cfg.task).build(cfg, out, fresh=not cfg.train.resume)
-    model, cfg = built.model, built.config
-    print(f"model: {model.num_params():,} parameters")
-    res = train(model, built.task, cfg.train, cfg.optim, out_dir=out,
-                run_config={"task": cfg.task, "model": asdict(cfg.model), "data": asdict(cfg.data)})
-    summary = {"steps": res.steps, "tokens_per_s": res.tokens_per_s, "step_s": res.step_s, **res.final}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return summary
+    out = claim_run_dir(cfg.out, cfg.train.resume)  # before anything is written: a run folder has one owner
+    try:
+        built = kind(cfg.task).build(cfg, out, fresh=not cfg.train.resume)
+        model, cfg = built.model, built.config
+        if is_main():
+            print(f"model: {model.num_params():,} parameters")
+        res = train(model, built.task, cfg.train, cfg.optim, out_dir=out,
+                    run_config={"task": cfg.task, "model": asdict(cfg.model), "data": asdict(cfg.data)})
+        summary = {"steps": res.steps, "tokens_per_s": res.tokens_per_s, "step_s": res.step_s, **res.final}
+        if is_main():
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary, indent=2))
+        return summary
+    except Exception:
+        # A new run that failed before its first checkpoint leaves nothing behind: the folder was empty or absent.
+        if not cfg.train.resume and is_main() and not list_checkpoints(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        distributed.teardown()

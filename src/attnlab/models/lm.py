@@ -20,21 +20,38 @@ from .blocks import MLP, default_d_ff, make_norm
 
 @dataclass
 class LMConfig:
+    """The decoder LM: sizes, positions, normalisation, and its attention."""
+
     vocab_size: int = 256
+    """vocabulary size (set from the tokenizer for text)"""
     n_layer: int = 4
+    """number of Transformer layers"""
     n_head: int = 4
-    n_kv_head: int | None = None  # fewer than n_head for grouped-query attention
+    """attention heads per layer"""
+    n_kv_head: int | None = None
+    """fewer than n_head for grouped-query attention"""
     d_model: int = 128
-    d_ff: int | None = None  # default: 4·d (gelu) or ≈8/3·d (swiglu)
+    """model width"""
+    d_ff: int | None = None
+    """default: 4·d (gelu) or ≈8/3·d (swiglu)"""
     max_seq_len: int = 256
+    """longest sequence the model accepts (its context)"""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """normalisation layer"""
     mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP type: gelu (4·d wide) or swiglu (≈8/3·d wide)"""
     pos: Literal["rope", "sinusoidal", "learned", "none"] = "rope"
+    """positions: rotary, sinusoidal or learned absolute, or none"""
     rope_base: float = 10000.0
+    """rotary base frequency"""
     dropout: float = 0.0
+    """dropout rate"""
     bias: bool = False
+    """biases in linear layers and norms"""
     tie_embeddings: bool = True
+    """share the input embedding with the output head"""
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    """the attention mechanism, where it runs, and an optional key/value transform"""
 
     def __post_init__(self):
         p = "model"

@@ -28,7 +28,8 @@ from ..errors import UserError
 @dataclass
 class LSTMLMConfig:
     vocab_size: int = 256
-    d_model: int = 256  # embedding and hidden width (equal, so the output projection can share the embedding)
+    d_model: int = 256
+    """embedding and hidden width (equal, so the output projection can share the embedding)"""
     n_layer: int = 2
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -96,10 +97,13 @@ def match_lstm_width(target_params: int, build: Callable[[int], nn.Module], mult
 @dataclass
 class LSTMSeq2SeqConfig:
     vocab_size: int = 1000
-    d_model: int = 256  # embedding, encoder output (both directions together) and decoder width
-    n_layer: int = 2  # encoder and decoder layers each
+    d_model: int = 256
+    """embedding, encoder output (both directions together) and decoder width"""
+    n_layer: int = 2
+    """encoder and decoder layers each"""
     dropout: float = 0.1
-    max_seq_len: int = 256  # longest target decoded (the recurrence itself has no limit)
+    max_seq_len: int = 256
+    """longest target decoded (the recurrence itself has no limit)"""
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -116,12 +120,18 @@ class LSTMSeq2SeqConfig:
 
 @dataclass
 class LSTMDecodeState:
-    memory: torch.Tensor  # [B, S, d] encoder outputs
-    keys: torch.Tensor  # [B, S, d] W·h_s, computed once
-    src_valid: torch.Tensor  # [B, S]
-    h: torch.Tensor  # [L, B, d]
-    c: torch.Tensor  # [L, B, d]
-    feed: torch.Tensor  # [B, d] the previous attentional state h̃
+    memory: torch.Tensor
+    """[B, S, d] encoder outputs"""
+    keys: torch.Tensor
+    """[B, S, d] W·h_s, computed once"""
+    src_valid: torch.Tensor
+    """[B, S]"""
+    h: torch.Tensor
+    """[L, B, d]"""
+    c: torch.Tensor
+    """[L, B, d]"""
+    feed: torch.Tensor
+    """[B, d] the previous attentional state h̃"""
 
 
 class LSTMSeq2Seq(nn.Module):

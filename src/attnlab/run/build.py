@@ -12,6 +12,7 @@ from ..data import TextCorpus, build_tokenizer, load_tokenizer, read_text
 from ..errors import UserError, require_file
 from ..models.lm import LM, LMConfig
 from ..tasks import SyntheticConfig, SyntheticTask, TextLMTask
+from ..training import is_main
 from .config import DataConfig, RunConfig
 
 
@@ -28,7 +29,7 @@ def tokenizer_for(data: DataConfig, run_dir: Path | None = None, *, fresh: bool 
     require_file(data.path, "data")
     text = read_text(data.path) if data.tokenizer != "byte" else None
     tok = build_tokenizer(data.tokenizer, text, vocab_size=data.bpe_vocab_size)
-    if tok_dir is not None:
+    if tok_dir is not None and is_main():
         tok.save(tok_dir)
     return tok
 

@@ -19,6 +19,8 @@ def _lm_loss(model, batch):
 class TextLMTask:
     """Next-token prediction on random windows of a corpus; evaluation on contiguous validation windows."""
 
+    metrics = ("val_loss", "val_ppl")  # what `evaluate` reports: early stopping may watch any of them
+
     def __init__(self, corpus, seq_len: int, batch_size: int, seed: int = 0, eval_batches: int = 20):
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.eval_batches_count = seed, eval_batches
@@ -57,6 +59,8 @@ class SyntheticConfig:
 
 class SyntheticTask:
     """Induction heads or multi-query associative recall; accuracy counts only the scored positions."""
+
+    metrics = ("accuracy", "val_loss")
 
     def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int = 0):
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed

@@ -31,6 +31,8 @@ class TranslationTask:
     """The trainer's task: token-count batches of a parallel corpus, label-smoothed loss, and evaluation
     by teacher-forced loss plus greedy decoding of the validation set."""
 
+    metrics = ("val_loss", "val_ppl", "val_bleu", "val_exact")
+
     def __init__(self, train_data: EncodedPairs, valid: list[tuple[str, str]], vocab: ParallelVocab, *,
                  max_tokens: int, label_smoothing: float, seed: int = 0, grad_accum: int = 1, world: int = 1):
         self.vocab = vocab

@@ -36,15 +36,26 @@ from .schedules import lr_at
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
     lr: float = 1e-3
+    """peak learning rate"""
     min_lr: float = 1e-4
+    """learning rate at the end of the cosine decay"""
     schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    """learning-rate schedule after warm-up"""
     warmup_steps: int = 100
+    """linear warm-up steps"""
     weight_decay: float = 0.1
+    """AdamW weight decay (matrices and embeddings only)"""
     beta1: float = 0.9
+    """AdamW β1"""
     beta2: float = 0.95
+    """AdamW β2"""
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    """AdamW ε"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
 
     def __post_init__(self):
         p = "optim"
@@ -61,25 +72,46 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class TrainConfig:
+    """How long and on what a run trains: steps, batches, evaluation, checkpoints, device."""
+
     steps: int = 2000
+    """optimizer steps in all (a resumed run continues to this many)"""
     batch_size: int = 12
+    """sequences (or examples) per micro-batch and process"""
     grad_accum: int = 1
-    eval_every: int = 250  # 0: only at the end
+    """micro-batches per optimizer step"""
+    eval_every: int = 250
+    """steps between evaluations (0: only at the end)"""
     log_every: int = 10
-    save_every: int = 0  # 0: at each evaluation (when out_dir is set); the last step is always saved
-    keep_checkpoints: int = 3  # 0 keeps all
+    """steps between logged training rows"""
+    save_every: int = 0
+    """steps between checkpoints (0: at each evaluation); the last step is always saved"""
+    keep_checkpoints: int = 3
+    """how many of the newest checkpoints to keep (0: all)"""
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; float16 adds a gradient scaler)
-    early_stop_metric: str | None = None  # stop once this eval metric reaches early_stop_value
+    """seed of everything: initial weights, batches, dropout, stochastic attention"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (with a gradient scaler)"""
+    early_stop_metric: str | None = None
+    """stop once this eval metric reaches early_stop_value"""
     early_stop_value: float | None = None
+    """the value of early_stop_metric that ends training"""
     early_stop_mode: Literal["max", "min"] = "max"
-    dense_finetune_steps: int = 0  # switch every kernel to dense attention for the last N steps
+    """max: stop once the metric is at least the value; min: at most"""
+    dense_finetune_steps: int = 0
+    """switch every kernel to dense attention for the last N steps"""
     resume: bool = False
-    resume_override: bool = False  # resume even though settings that alter the trajectory changed
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
+    """continue the run in --out from its newest complete checkpoint"""
+    resume_override: bool = False
+    """resume even though settings that alter the trajectory changed"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: replicate (DDP) or shard (FSDP2) the model"""
     progress: bool = True
+    """show a progress bar with throughput and ETA"""
     tensorboard: bool = True
+    """write TensorBoard events to OUT/tb beside metrics.jsonl"""
 
     def __post_init__(self):
         p = "train"
@@ -118,12 +150,16 @@ class Task(Protocol):
 @dataclass
 class TrainResult:
     steps: int
-    history: list[dict] = field(default_factory=list)  # one row per logged step
-    evals: list[dict] = field(default_factory=list)  # one row per evaluation
-    final: dict = field(default_factory=dict)  # the last evaluation
+    history: list[dict] = field(default_factory=list)
+    """one row per logged step"""
+    evals: list[dict] = field(default_factory=list)
+    """one row per evaluation"""
+    final: dict = field(default_factory=dict)
+    """the last evaluation"""
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
-    step_s: float = 0.0  # mean seconds per optimizer step
+    step_s: float = 0.0
+    """mean seconds per optimizer step"""
     stopped_early: bool = False
 
 
@@ -154,6 +190,10 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, optim: OptimConf
     complete checkpoint, refusing changed trajectory settings unless cfg.resume_override. Under torchrun
     with cfg.parallel == "fsdp" the model is sharded in place and stays so after the call.
     """
+    known = getattr(task, "metrics", None)  # a task that names its metrics lets a bad name fail before any work
+    if cfg.early_stop_metric and known is not None and cfg.early_stop_metric not in known:
+        raise UserError(f"train.early_stop_metric {cfg.early_stop_metric!r} is not a metric of this task; "
+                        f"choose one of {', '.join(known)}")
     device, amp = resolve_device(cfg.device, cfg.dtype)
     dist_info = distributed.setup(device)
     device = distributed.device_for(device, dist_info)
