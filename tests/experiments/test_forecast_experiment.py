@@ -32,6 +32,11 @@ def test_quick_run_on_the_builtin_series(tmp_path, capsys):
             ref = direct[(r["model"], int(r["horizon"]))]
             assert float(r["mse"]) == pytest.approx(ref["mse"], rel=1e-6) and int(r["windows"]) == ref["windows"]
     assert {int(r["windows"]) for r in rows} == {direct[("last_value", 8)]["windows"]}
+    search = summary["sources"]["builtin:co2"]["lr_search"]
+    assert {(r["family"], r["lr"]) for r in search} == {(f, lr) for f in ("transformer", "dlinear", "lstm")
+                                                         for lr in (1e-3, 3e-3)}
+    for fam, lr in summary["sources"]["builtin:co2"]["lr"].items():  # the lowest validation MSE wins
+        assert lr == min((r for r in search if r["family"] == fam), key=lambda r: r["val_mse"])["lr"]
     speed = summary["speed"]["rows"]
     assert [(r["lookback"], r["mechanism"]) for r in speed] == [(L, m) for L in (64, 128) for m in ("exact", "hyper", "ssa")]
     assert all(r["train_s"] > 0 and r["infer_s"] > 0 and r["tokens"] == r["lookback"] // 8 + 1 for r in speed)
@@ -39,7 +44,8 @@ def test_quick_run_on_the_builtin_series(tmp_path, capsys):
         assert (out / f"{name}.png").stat().st_size > 5_000
     # Every trained run is an ordinary forecasting run.
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(out / "runs" / "co2" / "kv_shift-seed0")]) == 0
+    (kv,) = (out / "runs" / "co2").glob("kv_shift-seed0-lr*")
+    assert main(["eval", "--ckpt", str(kv)]) == 0
     assert json.loads(capsys.readouterr().out)["rows"][0]["model"] == "transformer/exact+kv_shift"
 
 

@@ -51,8 +51,9 @@ class ForecastExperimentConfig(ExperimentConfig):
     """training steps per model"""
     batch_size: int = 32
     """windows per training batch"""
-    lr: float = 1e-3
-    """peak learning rate (AdamW, cosine to lr/20)"""
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    """peak learning rates tried (AdamW, cosine to lr/20); each family keeps the one with the lowest validation
+    MSE (first seed)"""
     n_layer: int = 2
     """Transformer encoder blocks"""
     n_head: int = 4
@@ -87,7 +88,7 @@ class ForecastExperimentConfig(ExperimentConfig):
 
 
 def _quick(cfg: ForecastExperimentConfig) -> ForecastExperimentConfig:
-    return replace(cfg, lookback=64, horizons=[8, 16], seeds=1, steps=4, batch_size=8, n_layer=1, d_model=16,
+    return replace(cfg, lookback=64, horizons=[8, 16], seeds=1, lr_grid=cfg.lr_grid[:2], steps=4, batch_size=8, n_layer=1, d_model=16,
                    patch_len=8, stride=8, lstm_hidden=8, speed_lookbacks=[64, 128] if cfg.speed_lookbacks else [],
                    speed_rounds=1, speed_batch=2, speed_hyper={**cfg.speed_hyper, "block_size": 8, "sample_size": 8, "min_seq_len": 8})
 
@@ -101,7 +102,8 @@ def base(cfg: ForecastExperimentConfig, source: str, columns: list[str], time_co
                               horizon=max(cfg.horizons), horizons=list(cfg.horizons))
     train = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.steps if cfg.quick else max(1, cfg.steps // 5), log_every=50,
                         seed=seed, keep_checkpoints=1, progress=False, tensorboard=False)
-    optim = OptimConfig(lr=cfg.lr, min_lr=cfg.lr / 20, warmup_steps=max(1, cfg.steps // 20), weight_decay=0.01)
+    lr = cfg.lr_grid[0]
+    optim = OptimConfig(lr=lr, min_lr=lr / 20, warmup_steps=max(1, cfg.steps // 20), weight_decay=0.01)
     return ForecastRunConfig(out="", model=model, data=data, train=train, optim=optim)
 
 
@@ -124,6 +126,8 @@ def _check(cfg: ForecastExperimentConfig) -> list[tuple[str, list[str], str | No
         raise UserError(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
     if cfg.seeds < 1 or cfg.steps < 1 or not cfg.horizons or min(cfg.horizons) < 1:
         raise UserError("seeds and steps must be at least 1, horizons positive")
+    if not cfg.lr_grid or min(cfg.lr_grid) <= 0:
+        raise UserError("lr_grid must list positive learning rates")
     sources = [(f"builtin:{b}", [], None) for b in cfg.builtins] + ([(cfg.data, list(cfg.columns), cfg.time_column)]
                                                                   if cfg.data else [])
     if not sources:
@@ -138,29 +142,56 @@ def _fmt(xs: list[float]) -> str:
     return f"{m:.4g} ± {s:.2g}" if len(xs) > 1 else f"{m:.4g}"
 
 
-def accuracy(cfg: ForecastExperimentConfig, ctx, source: str, columns, time_column) -> tuple[list[dict], dict]:
-    """Raw rows (one per model, seed and horizon; baselines once) and the trained model of the first seed."""
+def family(name: str) -> str:
+    """Models that share a tuned learning rate: every attention mechanism takes the Transformer's."""
+    return name if name in ("dlinear", "lstm") else "transformer"
+
+
+def accuracy(cfg: ForecastExperimentConfig, ctx, source: str, columns, time_column):
+    """Raw rows (one per model, seed and horizon; baselines once), the learning-rate search, and the trained
+    models of the first seed.
+
+    Each family (the Transformer, DLinear, the LSTM) gets the learning rate of `lr_grid` with the lowest
+    validation MSE for the first seed, the Transformer's found with the first mechanism listed; the test
+    split is never looked at to choose."""
     first = base(cfg, source, columns, time_column, cfg.seed)
     series = first.data.load()
     tag = source.split(":", 1)[1] if source.startswith("builtin:") else "data"
-    rows, kept = [], {}
+    rows, kept, search, chosen = [], {}, [], {}
+
+    def fit(name, seed, lr):
+        run = variant(base(cfg, source, columns, time_column, seed), cfg, name)
+        run = replace(run, optim=replace(run.optim, lr=lr, min_lr=lr / 20))
+        built = build(run, series=series)
+        print(f"== {tag} {name} seed {seed} lr {lr:g}: {built.model.num_params():,} parameters", flush=True)
+        label = f"{tag}/{name}-seed{seed}" + (f"-lr{lr:g}" if len(cfg.lr_grid) > 1 else "")
+        model, _, res = ctx.train(built.config, label, model=built.model, task=built.task, record=True)
+        model.eval()
+        test = [x for x in evaluate_table(model, series, built.config.data, "test", device=ctx.device, name=name)
+                if x["model"] == name]
+        print(f"   val mse {res.final['val_loss']:.4f}; test " + ", ".join(f"h{x['horizon']} mse {x['mse']:.4f}"
+                                                                       for x in test), flush=True)
+        return model, res.final["val_loss"], [{"source": source, "seed": seed, "lr": lr, "step_s": res.step_s, **x}
+                                              for x in test]
+
     for name in cfg.models:
-        for i in range(cfg.seeds):
-            run = variant(base(cfg, source, columns, time_column, cfg.seed + i), cfg, name)
-            built = build(run, series=series)
-            print(f"== {tag} {name} seed {cfg.seed + i}: {built.model.num_params():,} parameters", flush=True)
-            model, _, res = ctx.train(built.config, f"{tag}/{name}-seed{cfg.seed + i}", model=built.model,
-                                      task=built.task, record=True)
-            model.eval()
-            r = evaluate_table(model, series, built.config.data, "test", device=ctx.device, name=name)
-            rows += [{"source": source, "seed": cfg.seed + i, "step_s": res.step_s, **x} for x in r if x["model"] == name]
-            if i == 0:
-                kept[name] = model
-            print("   " + ", ".join(f"h{x['horizon']} mse {x['mse']:.4f}" for x in r if x["model"] == name), flush=True)
+        fam = family(name)
+        if fam not in chosen:
+            tried = {lr: fit(name, cfg.seed, lr) for lr in cfg.lr_grid}
+            best = min(tried, key=lambda lr: tried[lr][1])
+            chosen[fam] = best
+            search += [{"source": source, "family": fam, "model": name, "lr": lr, "val_mse": v[1], "chosen": lr == best}
+                       for lr, v in tried.items()]
+            kept[name], rows = tried[best][0], rows + tried[best][2]
+        else:
+            model, _, r = fit(name, cfg.seed, chosen[fam])
+            kept[name], rows = model, rows + r
+        for i in range(1, cfg.seeds):
+            rows += fit(name, cfg.seed + i, chosen[fam])[2]
     naive = [x for x in evaluate_table(kept[cfg.models[0]], series, first.data, "test", device=ctx.device)
              if x["model"] in NAIVE]
-    rows += [{"source": source, "seed": None, "step_s": None, **x} for x in naive]
-    return rows, {"series": series, "models": kept, "data": first.data}
+    rows += [{"source": source, "seed": None, "lr": None, "step_s": None, **x} for x in naive]
+    return rows, search, {"series": series, "models": kept, "data": first.data, "lr": chosen}
 
 
 def tables(rows: list[dict], models: list[str], horizons: list[int]) -> tuple[dict[int, list[dict]], dict]:
@@ -205,12 +236,13 @@ def run(cfg: ForecastExperimentConfig, ctx) -> dict:
     if cfg.quick:
         cfg = _quick(cfg)
     sources = _check(cfg)
-    results, all_rows = {}, []
+    results, all_rows, all_search = {}, [], []
     for source, columns, time_column in sources:
-        rows, kept = accuracy(cfg, ctx, source, columns, time_column)
-        all_rows += rows
-        results[source] = (tables(rows, cfg.models, sorted(cfg.horizons)), kept)
+        rows, search, kept = accuracy(cfg, ctx, source, columns, time_column)
+        all_rows, all_search = all_rows + rows, all_search + search
+        results[source] = (tables(rows, cfg.models, sorted(cfg.horizons)), kept, search)
     ctx.write_csv("accuracy.csv", all_rows)
+    ctx.write_csv("lr_search.csv", all_search)
 
     speed, plan = [], None
     if cfg.speed_lookbacks:
@@ -231,17 +263,21 @@ def _write(cfg, ctx, results, speed, plan) -> dict:
         f"h of every test window. Transformer: {cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads, patch "
         f"{cfg.patch_len}/stride {cfg.stride}, RevIN; SSA {cfg.ssa} (exact attention in evaluation, its own "
         f"mode); hyper {cfg.hyper} (approximate in evaluation too). DLinear kernel 25; LSTM one layer of "
-        f"{cfg.lstm_hidden}. {cfg.steps} steps of AdamW (lr {cfg.lr}, cosine), batch {cfg.batch_size}, "
+        f"{cfg.lstm_hidden}. {cfg.steps} steps of AdamW (cosine), batch {cfg.batch_size}, "
         f"{cfg.seeds} seed(s). MSE/MAE on the standardised series (training-split scaler), and in original units; "
         f"mean ± std over seeds. `/ baseline`: mean MSE over the baseline's. Device {ctx.device}"
         f"{', quick run' if cfg.quick else ''}.")
     summary = {"sources": {}}
     cols = ["model", "seeds", "MSE", "MAE", "MSE (orig)", "MAE (orig)", "/ last_value", "/ seasonal_naive"]
-    for source, ((per_h, claims), kept) in results.items():
+    for source, ((per_h, claims), kept, search) in results.items():
         tag = source.split(":", 1)[1] if source.startswith("builtin:") else "data"
         series, data = kept["series"], kept["data"]
         sn = next(iter(per_h.values()))
         r.h(f"{source}: {len(series)} points, columns {', '.join(series.columns)}", 2)
+        r.p("Learning rate per family, chosen on the validation split (first seed): "
+            + "; ".join(f"{fam} {lr:g}" for fam, lr in kept["lr"].items()) + ".")
+        if len(cfg.lr_grid) > 1:
+            r.table(search, ["family", "model", "lr", "val_mse", "chosen"], fmt="{:.4g}")
         for h, table in per_h.items():
             r.h(f"horizon {h}", 3)
             r.table(table, cols, fmt="{:.3f}")
@@ -261,7 +297,7 @@ def _write(cfg, ctx, results, speed, plan) -> dict:
         plots.append(_example(ctx, series, kept["models"], data, tag))
         for p in plots:
             r.image(p, p.stem)
-        summary["sources"][source] = {"claims": claims, "tables": {h: [{k: v for k, v in t.items()} for t in tab]
+        summary["sources"][source] = {"claims": claims, "lr": kept["lr"], "lr_search": search, "tables": {h: [{k: v for k, v in t.items()} for t in tab]
                                                                   for h, tab in per_h.items()}}
     if speed:
         ref = next(iter(plan.mechanisms))
@@ -270,9 +306,10 @@ def _write(cfg, ctx, results, speed, plan) -> dict:
         r.p(f"Random windows, batch {plan.batch_size}, patch {plan.patch_len} = stride (tokens ≈ look-back / "
             f"{plan.patch_len}), {plan.n_layer} layers, d {plan.d_model}; hyper {cfg.speed_hyper}, SSA "
             f"{cfg.speed_ssa} (SSA subsamples in training only; its forecasts run exact attention). Median of "
-            f"{plan.rounds} turns in one process; peak = tensor memory of one step.")
+            f"{plan.rounds} turns in one process. Memory: peak tensor MB of a training forward, activations kept for "
+            f"backward included (weights, gradients and optimizer state excluded), and of a forecast.")
         r.table(speed, ["lookback", "tokens", "mechanism", "train_s", "infer_s", f"train_vs_{ref}", f"infer_vs_{ref}",
-                        "train_peak_MB", "infer_peak_MB"], fmt="{:.3g}")
+                        "train_act_MB", "infer_peak_MB"], fmt="{:.3g}")
         r.p("Faster than exact at every look-back from: " + "; ".join(
             f"{n}: training {c['train'] or 'never'}, forecast {c['infer'] or 'never'}" for n, c in cross.items()))
         for p in speed_plots(speed, ctx.out, plan):

@@ -4,7 +4,9 @@ Transformer at look-backs far longer than the built-in series, for several mecha
 Time and memory do not depend on the values, so the windows are random; every look-back builds each
 mechanism's model from the same seed, and the steps are timed in turns (`bench.measure.interleaved`), so a
 change in the machine's load falls on every mechanism alike. Memory is the peak of tensor memory allocated
-by one step (`bench.memory.peak_memory`), the weights excluded.
+by a training forward, the activations it keeps for backward included (the weights, their gradients and
+AdamW's state excluded: at long look-backs the linear head's n_patches·d·horizon weights would hide the
+attention's share), and by a forecast (`bench.memory.peak_memory`).
 """
 
 from __future__ import annotations
@@ -56,18 +58,23 @@ def _step_fns(model, x, y):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def train_forward():
+        model.train()
+        return model(x, y)[1]  # the loss holds the graph: what the forward keeps for backward
+
     @torch.no_grad()
     def forecast():
         model.eval()
         return model(x)
 
-    return train_step, forecast
+    return train_step, forecast, train_forward
 
 
 def lookback_speed(plan: SpeedPlan, device, log=print) -> list[dict]:
     """One row per (look-back, mechanism): median seconds of a training step (forward, backward, AdamW) and of
-    a forecast (forward, eval mode) over `rounds` turns, peak MB of each, and the ratios to the first
-    mechanism (the reference, normally exact) at the same look-back."""
+    a forecast (forward, eval mode) over `rounds` turns, peak MB of a training forward (activations kept for
+    backward) and of a forecast, and the ratios to the first mechanism (the reference, normally exact) at the
+    same look-back."""
     rows = []
     g = torch.Generator().manual_seed(plan.seed)
     for lookback in plan.lookbacks:
@@ -80,17 +87,17 @@ def lookback_speed(plan: SpeedPlan, device, log=print) -> list[dict]:
         infer_t = interleaved({n: f[1] for n, f in fns.items()}, plan.rounds, device, alternate=True)
         ref = next(iter(plan.mechanisms))
         group = []
-        for name, (train_step, forecast) in fns.items():
-            _, train_peak = peak_memory(train_step, device)
+        for name, (_, forecast, train_forward) in fns.items():
+            _, train_peak = peak_memory(train_forward, device)
             _, infer_peak = peak_memory(forecast, device)
             group.append({"lookback": lookback, "tokens": plan.tokens(lookback), "mechanism": name,
                           "train_s": statistics.median(train_t[name]), "infer_s": statistics.median(infer_t[name]),
-                          "train_peak_MB": train_peak / 2**20, "infer_peak_MB": infer_peak / 2**20})
+                          "train_act_MB": train_peak / 2**20, "infer_peak_MB": infer_peak / 2**20})
         base = next(r for r in group if r["mechanism"] == ref)
         for r in group:
             r["train_vs_" + ref] = r["train_s"] / base["train_s"]
             r["infer_vs_" + ref] = r["infer_s"] / base["infer_s"]
-            r["train_mem_vs_" + ref] = r["train_peak_MB"] / base["train_peak_MB"] if base["train_peak_MB"] else None
+            r["train_mem_vs_" + ref] = r["train_act_MB"] / base["train_act_MB"] if base["train_act_MB"] else None
         rows += group
         log("   look-back %d (%d tokens): " % (lookback, plan.tokens(lookback))
             + ", ".join(f"{r['mechanism']} train {r['train_s']:.3f} s / forecast {r['infer_s']:.3f} s" for r in group))
@@ -132,6 +139,7 @@ def speed_plots(rows: list[dict], out, plan: SpeedPlan) -> list:
                   ylabel="seconds per training step", title=f"Training step vs look-back ({shape})"),
         line_plot(out / "speed_forecast.png", series("infer_s"), xlabel="look-back (points)", logx=True, logy=True,
                   ylabel="seconds per forecast (batch)", title=f"Forecast (inference) vs look-back ({shape})"),
-        line_plot(out / "speed_memory.png", series("train_peak_MB"), xlabel="look-back (points)", logx=True,
-                  logy=True, ylabel="peak tensor MB of a training step", title="Training memory vs look-back"),
+        line_plot(out / "speed_memory.png", series("train_act_MB"), xlabel="look-back (points)", logx=True,
+                  logy=True, ylabel="peak MB of a training forward (kept for backward)",
+                  title="Training activation memory vs look-back"),
     ]
