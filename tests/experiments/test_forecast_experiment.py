@@ -76,3 +76,13 @@ def test_claims_bookkeeping():
     assert verdicts == {"exact": "better", "hyper": "within noise", "ssa": "within noise"}
     exact = next(r for r in per_h[24] if r["model"] == "exact")
     assert exact["/ last_value"] == pytest.approx(0.5) and exact["mse_std"] == pytest.approx(np.std([1.0, 1.1, 0.9], ddof=1))
+
+
+def test_crossover_needs_a_margin_at_every_longer_lookback():
+    from attnlab.experiments.forecast_speed import crossovers
+
+    ratios = {"hyper": [1.3, 0.95, 0.8, 0.6], "ssa": [1.0, 0.85, 1.02, 0.7], "same": [1.0, 0.97, 0.95, 0.93]}
+    rows = [{"lookback": L, "mechanism": m, "train_vs_exact": r, "infer_vs_exact": r}
+            for m, rs in ratios.items() for L, r in zip((512, 1024, 2048, 4096), rs)]
+    got = crossovers(rows)
+    assert {m: c["train"] for m, c in got.items()} == {"hyper": 2048, "ssa": 4096, "same": None}

@@ -105,9 +105,10 @@ def lookback_speed(plan: SpeedPlan, device, log=print) -> list[dict]:
     return rows
 
 
-def crossovers(rows: list[dict], ref: str = "exact") -> dict[str, dict]:
-    """Per mechanism: the shortest look-back from which its training step (and its forecast) is faster than
-    `ref`'s at every longer look-back measured, or None."""
+def crossovers(rows: list[dict], ref: str = "exact", margin: float = 0.1) -> dict[str, dict]:
+    """Per mechanism: the shortest look-back from which its training step (and its forecast) takes at most
+    1 - `margin` of `ref`'s time at every longer look-back measured, or None. The margin keeps a mechanism
+    that runs `ref`'s own code (SSA forecasts run exact attention) from "winning" on timing noise."""
     out = {}
     for name in dict.fromkeys(r["mechanism"] for r in rows):
         if name == ref:
@@ -117,7 +118,7 @@ def crossovers(rows: list[dict], ref: str = "exact") -> dict[str, dict]:
         for key in ("train", "infer"):
             first = None
             for r in reversed(mine):
-                if r[f"{key}_vs_{ref}"] < 1.0:
+                if r[f"{key}_vs_{ref}"] <= 1.0 - margin:
                     first = r["lookback"]
                 else:
                     break
@@ -132,13 +133,12 @@ def speed_plots(rows: list[dict], out, plan: SpeedPlan) -> list:
         return {n: ([r["lookback"] for r in rows if r["mechanism"] == n], [r[key] for r in rows if r["mechanism"] == n])
                 for n in names}
 
-    shape = (f"patch {plan.patch_len}, {plan.n_layer} layers, d {plan.d_model}, batch {plan.batch_size}, "
-             f"horizon {plan.horizon}")
+    shape = f"patch {plan.patch_len}, batch {plan.batch_size}"
     return [
         line_plot(out / "speed_train.png", series("train_s"), xlabel="look-back (points)", logx=True, logy=True,
                   ylabel="seconds per training step", title=f"Training step vs look-back ({shape})"),
         line_plot(out / "speed_forecast.png", series("infer_s"), xlabel="look-back (points)", logx=True, logy=True,
-                  ylabel="seconds per forecast (batch)", title=f"Forecast (inference) vs look-back ({shape})"),
+                  ylabel="seconds per forecast", title=f"Forecast vs look-back ({shape})"),
         line_plot(out / "speed_memory.png", series("train_act_MB"), xlabel="look-back (points)", logx=True,
                   logy=True, ylabel="peak MB of a training forward (kept for backward)",
                   title="Training activation memory vs look-back"),
