@@ -20,7 +20,13 @@ from ..bench.measure import mean_std
 from ..errors import UserError
 from ..report import figure, line_plot
 from ..run.experiment import ExperimentConfig, experiment
-from ..run.forecast import ForecastDataConfig, ForecastModelConfig, ForecastRunConfig, build, evaluate_table
+from ..run.forecast import (
+    ForecastDataConfig,
+    ForecastModelConfig,
+    ForecastRunConfig,
+    build,
+    evaluate_table,
+)
 from ..tasks.forecast import forecast_png, make_forecast
 from ..training import OptimConfig, TrainConfig
 from .forecast_speed import SpeedPlan, crossovers, lookback_speed, speed_plots

@@ -99,7 +99,7 @@ def lookback_speed(plan: SpeedPlan, device, log=print) -> list[dict]:
             r["infer_vs_" + ref] = r["infer_s"] / base["infer_s"]
             r["train_mem_vs_" + ref] = r["train_act_MB"] / base["train_act_MB"] if base["train_act_MB"] else None
         rows += group
-        log("   look-back %d (%d tokens): " % (lookback, plan.tokens(lookback))
+        log(f"   look-back {lookback} ({plan.tokens(lookback)} tokens): "
             + ", ".join(f"{r['mechanism']} train {r['train_s']:.3f} s / forecast {r['infer_s']:.3f} s" for r in group))
         del fns
     return rows
