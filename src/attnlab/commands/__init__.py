@@ -3,8 +3,9 @@ docstrings, are the command's options) and `main(cfg)`; a command with sub-comma
 `entries()` -> {name: (config class, help)} and `main(name, cfg)` instead."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("attnlab.commands.train", "train a decoder LM on a text corpus or a synthetic task"),
+    "train": ("attnlab.commands.train", "train a model: a decoder LM (--task lm) or a forecaster (--task forecast)"),
     "eval": ("attnlab.commands.evaluate", "loss, perplexity or task accuracy of a trained run"),
+    "forecast": ("attnlab.commands.forecast", "forecast a series with a trained forecaster: CSV and plot"),
     "generate": ("attnlab.commands.generate", "sample text from a trained run"),
     "run": ("attnlab.commands.run", "run a paper-claim experiment: report.md, plots, CSV/JSONL, summary.json"),
     "bench": ("attnlab.commands.bench", "run a benchmark (speed, memory, error): report.md, plots, CSV"),
