@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
+from .run import main, registered
+
+__all__ = ["entries", "main"]
+
 
 def entries() -> dict[str, tuple[type, str]]:
-    from ..run.experiment import entries as registered
-
-    return {name: (e.config_cls, e.help) for name, e in sorted(registered("benchmark").items())}
-
-
-def main(name: str, cfg) -> dict:
-    from ..run.experiment import run_experiment
-
-    summary = run_experiment(name, cfg)
-    print(f"wrote {cfg.out}/summary.json and {cfg.out}/report.md")
-    return summary
+    return registered("benchmark")

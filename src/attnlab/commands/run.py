@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+KIND = "experiment"
+
+
+def registered(kind: str) -> dict[str, tuple[type, str]]:
+    from ..run.experiment import entries as registry
+
+    return {name: (e.config_cls, e.help) for name, e in sorted(registry(kind).items())}
+
 
 def entries() -> dict[str, tuple[type, str]]:
-    from ..run.experiment import entries as registered
-
-    return {name: (e.config_cls, e.help) for name, e in sorted(registered("experiment").items())}
+    return registered(KIND)
 
 
 def main(name: str, cfg) -> dict:

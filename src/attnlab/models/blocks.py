@@ -46,3 +46,22 @@ class MLP(nn.Module):
 def default_d_ff(d: int, kind: str) -> int:
     # SwiGLU has three matrices; 8/3·d keeps its parameters equal to a 4·d GELU MLP.
     return 4 * d if kind == "gelu" else int(8 * d / 3 + 63) // 64 * 64
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x)). `causal` is fixed by the model that
+    builds it (decoder: True; ViT and forecaster encoders: False); attention keywords pass through."""
+
+    def __init__(self, cfg, attn: nn.Module, *, causal: bool, d_ff: int | None = None):
+        super().__init__()
+        self.causal = causal
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.attn = attn
+        self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.mlp = MLP(cfg.d_model, d_ff or cfg.d_ff or default_d_ff(cfg.d_model, cfg.mlp), cfg.mlp, cfg.bias,
+                       cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, **attn_kwargs):
+        x = x + self.drop(self.attn(self.ln1(x), causal=self.causal, **attn_kwargs))
+        return x + self.mlp(self.ln2(x))

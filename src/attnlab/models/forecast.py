@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionSpec, MultiHeadAttention
+from ..attention import AttentionSpec
 from ..attention.positions import sinusoidal_table
 from ..errors import UserError
-from .blocks import MLP, make_norm
+from .blocks import Block, make_norm
 from .lm import build_attention_layers
 
 
@@ -117,22 +117,6 @@ class RevIN(nn.Module):
         return y * scale + mean
 
 
-class EncoderBlock(nn.Module):
-    """Pre-norm residual block with non-causal self-attention."""
-
-    def __init__(self, cfg: ForecastConfig, attn: MultiHeadAttention):
-        super().__init__()
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.attn = attn
-        self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff or 2 * cfg.d_model, cfg.mlp, cfg.bias, cfg.dropout)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, positions):
-        x = x + self.drop(self.attn(self.ln1(x), causal=False, positions=positions))
-        return x + self.mlp(self.ln2(x))
-
-
 def forecast_loss(pred, targets):
     return F.mse_loss(pred.float(), targets.float())
 
@@ -159,7 +143,7 @@ class ForecastTransformer(nn.Module):
             self.pos_table = None
         self.register_buffer("positions", torch.arange(n), persistent=False)
         attns = build_attention_layers(cfg, causal=False, rotary=cfg.pos == "rope")
-        self.blocks = nn.ModuleList(EncoderBlock(cfg, a) for a in attns)
+        self.blocks = nn.ModuleList(Block(cfg, a, causal=False, d_ff=cfg.d_ff or 2 * cfg.d_model) for a in attns)
         self.ln_f = make_norm(cfg.norm, d, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         self.head_drop = nn.Dropout(cfg.head_dropout)
@@ -181,7 +165,7 @@ class ForecastTransformer(nn.Module):
             h = h + self.pos_table
         h = self.drop(h)
         for block in self.blocks:
-            h = block(h, self.positions)
+            h = block(h, positions=self.positions)
         y = self.head(self.head_drop(self.ln_f(h).flatten(1)))  # [B·C, horizon]
         y = y.view(b, c, cfg.horizon).transpose(1, 2)
         if self.revin is not None:

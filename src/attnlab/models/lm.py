@@ -15,7 +15,7 @@ from ..attention.registry import check_capabilities, kernel_entry, make_config, 
 from ..attention.positions import AbsolutePositions, Rotary
 from ..checks import fraction, literals, positive, require
 from ..errors import UserError
-from .blocks import MLP, default_d_ff, make_norm
+from .blocks import Block, make_norm
 
 
 @dataclass
@@ -102,20 +102,6 @@ def check_attention_spec(spec: AttentionSpec, p: str, stacks: dict[str, tuple[in
             check_capabilities(entry, need)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, attn: MultiHeadAttention):
-        super().__init__()
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.attn = attn
-        self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff or default_d_ff(cfg.d_model, cfg.mlp), cfg.mlp, cfg.bias, cfg.dropout)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, **attn_kwargs):
-        x = x + self.drop(self.attn(self.ln1(x), causal=True, **attn_kwargs))
-        return x + self.mlp(self.ln2(x))
-
-
 def build_attention_layers(cfg, *, causal: bool, d_context: int | None = None, rotary: bool = True,
                            transform: bool = True, extra_need: dict | None = None) -> list[MultiHeadAttention]:
     """One attention layer per model layer: `cfg.attention.name` in the selected layers, exact elsewhere.
@@ -145,7 +131,7 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = AbsolutePositions(cfg.pos, cfg.max_seq_len, cfg.d_model) if cfg.pos in ("sinusoidal", "learned") else None
         attns = build_attention_layers(cfg, causal=True, rotary=cfg.pos == "rope")
-        self.blocks = nn.ModuleList(Block(cfg, a) for a in attns)
+        self.blocks = nn.ModuleList(Block(cfg, a, causal=True) for a in attns)
         self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionSpec, MultiHeadAttention
+from ..attention import AttentionSpec
 from ..errors import UserError
-from .blocks import MLP, default_d_ff, make_norm
+from .blocks import Block, make_norm
 from .lm import build_attention_layers
 
 
@@ -110,22 +110,6 @@ def sincos_2d(grid_h: int, grid_w: int, d: int) -> torch.Tensor:
     return torch.cat([one(rows), one(cols)], dim=1).float()
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x)); attention sees every token."""
-
-    def __init__(self, cfg: ViTConfig, attn: MultiHeadAttention):
-        super().__init__()
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.attn = attn
-        self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff or default_d_ff(cfg.d_model, cfg.mlp), cfg.mlp, cfg.bias, cfg.dropout)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, reset):
-        x = x + self.drop(self.attn(self.ln1(x), causal=False, reset=reset))
-        return x + self.mlp(self.ln2(x))
-
-
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -141,7 +125,7 @@ class ViT(nn.Module):
             self.pos_embed = None
         self.drop = nn.Dropout(cfg.dropout)
         attns = build_attention_layers(cfg, causal=False, rotary=False)
-        self.blocks = nn.ModuleList(Block(cfg, a) for a in attns)
+        self.blocks = nn.ModuleList(Block(cfg, a, causal=False) for a in attns)
         self.ln_f = make_norm(cfg.norm, cfg.d_model, cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.num_classes, bias=True)
         self._init_weights()
@@ -183,7 +167,7 @@ class ViT(nn.Module):
         x = self.drop(x)
         reset = self._reset(x.shape[0], x.shape[1], x.device)
         for block in self.blocks:
-            x = block(x, reset)
+            x = block(x, reset=reset)
         return self.ln_f(x)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
