@@ -8,7 +8,7 @@ before the first checkpoint, removes the folder and starts over, as the one-owne
 metrics rows (wall-clock fields aside), the TensorBoard scalars, the final weights and the optimizer state must
 equal those of the uninterrupted run bit for bit, and no partial checkpoint may remain.
 
-    python benchmarks/kill_resume.py --kills 20 --seed 0
+    python tools/kill_resume.py --kills 20 --seed 0
 """
 
 from __future__ import annotations
