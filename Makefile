@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attnlab-installed
-OUT ?= runs/compare
+# An experiment writes into a folder of its own: each demo gets a new one.
+OUT ?= runs/compare-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test install clean
 
