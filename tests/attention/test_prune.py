@@ -154,3 +154,16 @@ def test_registered_with_a_description_that_says_dense_cost_and_checks_options()
     for bad in ({"keep": 0.0}, {"keep": 1.5}, {"top_k": -1}, {"method": "topp", "top_k": 2}, {"method": "x"}):
         with pytest.raises(UserError):
             build_kernel("prune", bad)
+
+
+@pytest.mark.parametrize("method", ["topk", "topp"])
+def test_query_chunks_change_nothing_but_memory(method):
+    q, k, v = _qkv(nq=5, nk=9)
+    mask = _mask(2, 4, 5, 9)
+    cfg = PruneConfig(method=method, keep=0.4)
+    whole = pruned_attention(q, k, v, cfg, causal=True, mask=mask, return_lse=True)
+    parts = pruned_attention(q, k, v, cfg, causal=True, mask=mask, return_lse=True, chunk_elems=2 * 4 * 9 * 2)
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    kept = pruned_attention(q, k, v, PruneConfig(method="random", keep=0.4), causal=True, chunk_elems=72)
+    assert torch.isfinite(kept).all()

@@ -21,7 +21,6 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
-from .masks import combine
 from .registry import Capabilities, Kernel, register_kernel
 
 
@@ -53,8 +52,9 @@ def _ranks(score: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def keep_mask(s: torch.Tensor, visible: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
-    """Boolean [..., Nq, Nk]: the connections kept, given scores `s` (already -inf where not visible)."""
+def keep_mask(s: torch.Tensor, visible: torch.Tensor, cfg: PruneConfig, row: int = 0) -> torch.Tensor:
+    """Boolean [..., Nq, Nk]: the connections kept, given scores `s` (already -inf where not visible); `row`: the
+    first query's index, so that query chunks make different random draws."""
     n_vis = visible.sum(-1, keepdim=True)
     if cfg.method == "topp":
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -71,7 +71,8 @@ def keep_mask(s: torch.Tensor, visible: torch.Tensor, cfg: PruneConfig) -> torch
         count = torch.ceil(n_vis.to(torch.float64) * cfg.keep).to(n_vis.dtype)
     count = count.clamp(min=1)
     if cfg.method == "random":
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        # A CPU generator keeps 32 bits of its seed: fold seed and row into them.
+        g = torch.Generator(device="cpu").manual_seed((cfg.seed * 1_000_003 + row) % 2**32)
         draw = torch.rand(s.shape, generator=g, dtype=torch.float32).to(s.device)
         rank_by = draw.masked_fill(~visible, -1.0)
     else:
@@ -79,8 +80,12 @@ def keep_mask(s: torch.Tensor, visible: torch.Tensor, cfg: PruneConfig) -> torch
     return (_ranks(rank_by) < count) & visible
 
 
-def pruned_attention(q, k, v, cfg: PruneConfig, *, causal=False, mask=None, scale=None, return_lse=False):
-    """softmax over the kept connections of each query, times v; rows with no visible key return zeros."""
+def pruned_attention(q, k, v, cfg: PruneConfig, *, causal=False, mask=None, scale=None, return_lse=False,
+                     chunk_elems: int = 1 << 24):
+    """softmax over the kept connections of each query, times v; rows with no visible key return zeros.
+
+    Queries go in chunks of about `chunk_elems` scores, so memory stays bounded at long contexts (the time
+    stays dense)."""
     nq, nk = q.shape[2], k.shape[2]
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
@@ -88,19 +93,43 @@ def pruned_attention(q, k, v, cfg: PruneConfig, *, causal=False, mask=None, scal
         v = v.repeat_interleave(hq // hkv, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale
-    m = combine(mask, causal, nq, nk, q.device)
+    kw, vw = k.to(wide), v.to(wide)
+    rows = max(1, chunk_elems // max(1, q.shape[0] * hq * nk))
+    outs, lses = [], []
+    for a in range(0, nq, rows):
+        b = min(nq, a + rows)
+        m = _chunk_mask(mask, causal, a, b, nq, nk, q.device)
+        o, lse = _chunk(q[:, :, a:b].to(wide), kw, vw, cfg, m, scale, a)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).to(q.dtype)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _chunk_mask(mask, causal, a, b, nq, nk, device):
+    """The visibility of query rows a..b: the explicit mask's rows (or its broadcast row) and causality."""
+    m = None
+    if mask is not None:
+        m = mask[..., a:b, :] if mask.shape[-2] == nq and nq > 1 else mask
+    if causal:
+        qi = torch.arange(a, b, device=device).unsqueeze(1) + (nk - nq)
+        c = torch.arange(nk, device=device).unsqueeze(0) <= qi
+        m = c if m is None else (m & c)
+    return m
+
+
+def _chunk(q, k, v, cfg, m, scale, row):
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     visible = torch.ones_like(s, dtype=torch.bool) if m is None else m.expand_as(s)
     s = s.masked_fill(~visible, float("-inf"))
     with torch.no_grad():
-        kept = keep_mask(s.detach(), visible, cfg)
+        kept = keep_mask(s.detach(), visible, cfg, row)
     # A row with nothing visible gets finite dummy scores and is zeroed after: all -inf would give NaN gradients.
     empty = ~kept.any(dim=-1, keepdim=True)
     s = s.masked_fill(~kept, float("-inf")).masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
-    out = torch.matmul(p, v.to(wide)).to(q.dtype)
-    return (out, lse) if return_lse else out
+    return torch.matmul(p, v), lse
 
 
 @register_kernel("prune", PruneConfig, Capabilities(),
