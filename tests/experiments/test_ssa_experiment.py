@@ -53,7 +53,8 @@ def test_data_limited_ssa_compares_every_variant_at_its_best(tmp_path, monkeypat
     for r in summary["runs"]:
         # The reported loss is the minimum of the run's own evaluations, and training stopped at most
         # `patience` evaluations after it.
-        evals = [json.loads(line) for line in (out / "runs" / f"seed{r['seed']}-{r['variant'].replace(' ', '_').replace('=', '')}" / "metrics.jsonl").read_text().splitlines()]
+        name = f"seed{r['seed']}-{r['variant'].replace(' ', '_').replace('=', '')}"
+        evals = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         losses = [e["eval/val_loss"] for e in evals if "eval/val_loss" in e]
         assert math.isclose(r["best_val_loss"], min(losses), rel_tol=1e-9)
         assert r["steps"] - r["best_step"] <= 2

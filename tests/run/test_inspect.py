@@ -9,7 +9,12 @@ from attnlab.attention import exact_attention
 from attnlab.attention.swap import attention_layers
 from attnlab.cli import main
 from attnlab.models.lm import LM, LMConfig
-from attnlab.run.inspect import attention_maps, head_scores, induction_targets, repeated_random_tokens
+from attnlab.run.inspect import (
+    attention_maps,
+    head_scores,
+    induction_targets,
+    repeated_random_tokens,
+)
 
 
 def _prev_token_lm(n=16, sharp=60.0):
@@ -66,7 +71,7 @@ def test_induction_targets_and_a_perfect_induction_map():
     p = torch.zeros(4, 1, 12, 12)
     for b in range(4):
         for i in range(12):
-            p[b, 0, i, tgt[b, i] if tgt[b, i] >= 0 else 0] = 1.0
+            p[b, 0, i, max(tgt[b, i], 0)] = 1.0
     row = head_scores([p], rep)[0]
     assert row["induction"] == pytest.approx(1.0)
 

@@ -120,7 +120,12 @@ def main(cfg: Config) -> dict:
 
     from ..attention.registry import select_layers
     from ..report import Report
-    from ..run.inspect import attention_maps, head_scores, repeated_random_tokens, shift_coefficients
+    from ..run.inspect import (
+        attention_maps,
+        head_scores,
+        repeated_random_tokens,
+        shift_coefficients,
+    )
     from ..run.load import load_run
     from ..training.device import resolve_device
 
@@ -169,7 +174,10 @@ def main(cfg: Config) -> dict:
     report.p(f"{n_layer} layers × {n_head} heads, context {ctx}. Statistics over {cfg.batch} repeated random "
              f"sequences (two copies of {half} uniform tokens from the model's {mcfg.vocab_size}), seed {cfg.seed}. "
              "Maps are softmax(q·kᵀ/√d) of each layer's own q and k with the causal mask.")
-    name = lambda hs: ", ".join(f"layer {a} head {b}" for a, b in hs) or "none"  # noqa: E731
+
+    def name(hs):
+        return ", ".join(f"layer {a} head {b}" for a, b in hs) or "none"
+
     report.p(f"**Previous-token heads** (previous-token score ≥ {cfg.prev_threshold}): {name(prev_heads)}")
     report.p(f"**Induction heads** (induction score ≥ {cfg.induction_threshold}): {name(ind_heads)}")
     report.p("entropy: mean attention entropy in nats; prev_token: mean attention of query i on key i−1; "

@@ -143,7 +143,8 @@ def run(cfg: PathwaysConfig, ctx) -> dict:
     rows, train_rows = [], []
     plans = [("text", "dense", text_base(cfg, data)), ("text", "ssa", ssa_variant(text_base(cfg, data), cfg))]
     if cfg.induction:
-        plans += [("induction", "dense", induction_base(cfg)), ("induction", "ssa", ssa_variant(induction_base(cfg), cfg))]
+        ind = induction_base(cfg)
+        plans += [("induction", "dense", ind), ("induction", "ssa", ssa_variant(ind, cfg))]
     for task_name, trained, run_cfg in plans:
         name = f"{task_name}-{trained}"
         print(f"== {name}", flush=True)
@@ -182,10 +183,12 @@ def _write(cfg, ctx, rows, train_rows, fractions) -> dict:
     plots = []
     for task_name, metric, label in (("text", "loss", "validation loss (nats/byte)"),
                                      ("induction", "accuracy", "induction accuracy")):
-        series = {f"{t}-trained, {m}": ([r["keep"] for r in rows if (r["task"], r["trained"], r["method"]) == (task_name, t, m)],
-                                        [r[metric] for r in rows if (r["task"], r["trained"], r["method"]) == (task_name, t, m)])
-                  for t in ("dense", "ssa") for m in cfg.methods}
-        series = {k: v for k, v in series.items() if v[0]}
+        series = {}
+        for t in ("dense", "ssa"):
+            for m in cfg.methods:
+                sel = [r for r in rows if (r["task"], r["trained"], r["method"]) == (task_name, t, m)]
+                if sel:
+                    series[f"{t}-trained, {m}"] = ([r["keep"] for r in sel], [r[metric] for r in sel])
         if series:
             plots.append(line_plot(ctx.out / f"{task_name}_{metric}.png", series, xlabel="kept fraction of connections",
                                    ylabel=label, title=f"Pathway pruning: {task_name}", logx=True))

@@ -98,7 +98,10 @@ def head_scores(maps: list[torch.Tensor], idx: torch.Tensor) -> list[dict]:
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(0, 2))
         prev = p.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2)) if p.shape[-1] > 1 else torch.zeros(p.shape[1])
         on_tgt = p.gather(-1, tgt.clamp_min(0)[:, None, :, None].expand(-1, p.shape[1], -1, 1)).squeeze(-1)
-        ind = (on_tgt * has[:, None]).sum(dim=(0, 2)) / has.sum() if has.any() else torch.full((p.shape[1],), float("nan"))
+        if has.any():
+            ind = (on_tgt * has[:, None]).sum(dim=(0, 2)) / has.sum()
+        else:
+            ind = torch.full((p.shape[1],), float("nan"))
         for h in range(p.shape[1]):
             rows.append({"layer": li, "head": h, "entropy": float(ent[h]) + 0.0, "prev_token": float(prev[h]),
                          "induction": float(ind[h])})
