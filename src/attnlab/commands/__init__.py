@@ -7,6 +7,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("attnlab.commands.evaluate", "loss, perplexity or task accuracy of a trained run"),
     "forecast": ("attnlab.commands.forecast", "forecast a series with a trained forecaster: CSV and plot"),
     "generate": ("attnlab.commands.generate", "sample text from a trained run"),
+    "inspect": ("attnlab.commands.inspect",
+                "attention maps per layer and head, per-head statistics, previous-token and induction heads"),
     "run": ("attnlab.commands.run", "run a paper-claim experiment: report.md, plots, CSV/JSONL, summary.json"),
     "bench": ("attnlab.commands.bench", "run a benchmark (speed, memory, error): report.md, plots, CSV"),
     "hf-eval": ("attnlab.commands.hf_eval",

@@ -72,6 +72,16 @@ class SSAExperimentConfig(ExperimentConfig):
     """validation windows: eval_batches × batch_size × seq_len tokens"""
     variants: list[str] = field(default_factory=lambda: ["dense", "ssa-unbiased", "ssa-local", "ssa-local+ft"])
     """variants to train: dense, ssa-unbiased, ssa-local, ssa-local+ft"""
+    train_fraction: float = 1.0
+    """< 1: the data-limited regime — train on this first share of the training split, with dense and both SSA
+    samplings at every S in `factors`, each with its dense fine-tune, compared at their best validation loss
+    over `seeds` seeds (`variants` and `ensemble_k` are not used there)"""
+    factors: list[int] = field(default_factory=list)
+    """data-limited regime: the S values (empty: [factor])"""
+    seeds: int = 1
+    """data-limited regime: seeds from `seed` on"""
+    patience: int = 0
+    """data-limited regime: stop after this many evaluations without a new best validation loss (0: never)"""
 
 
 VARIANTS = ("dense", "ssa-unbiased", "ssa-local", "ssa-local+ft")
@@ -103,6 +113,13 @@ def run(cfg: SSAExperimentConfig, ctx) -> dict:
     if not cfg.data:
         raise UserError("ssa needs --data FILE (a text file or folder)")
     require_file(cfg.data, "text corpus")
+    if cfg.train_fraction != 1.0:
+        from .ssa_limited import run_limited
+
+        if cfg.quick:
+            cfg = replace(cfg, seq_len=64, n_layer=1, d_model=32, batch_size=4, steps=min(cfg.steps, 30),
+                          warmup_steps=5, eval_every=10, eval_batches=2, seeds=min(cfg.seeds, 2), factors=[2])
+        return run_limited(cfg, ctx)
     if cfg.quick:
         cfg = replace(cfg, seq_len=256, n_layer=2, d_model=64, batch_size=4, steps=min(cfg.steps, 60),
                       warmup_steps=10, eval_every=20, eval_batches=2)
