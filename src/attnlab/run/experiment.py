@@ -54,7 +54,8 @@ _ENTRIES: dict[str, Entry] = {}
 # Explicit registration: an experiment is its module plus one line here.
 _BUILTINS = ("attnlab.experiments.compare", "attnlab.experiments.induction", "attnlab.experiments.kvshift_lm",
              "attnlab.experiments.ssa", "attnlab.experiments.longctx", "attnlab.experiments.translate",
-             "attnlab.experiments.parallel", "attnlab.experiments.forecast", "attnlab.bench.attention", "attnlab.bench.kv_shift",
+             "attnlab.experiments.parallel", "attnlab.experiments.forecast", "attnlab.experiments.deploy",
+             "attnlab.bench.attention", "attnlab.bench.kv_shift",
              "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep",
              "attnlab.bench.quantize")
 
