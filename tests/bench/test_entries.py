@@ -71,3 +71,19 @@ def test_hf_sweep_on_a_tiny_local_llama(tmp_path):
     assert float(exact["ppl_patched"]) == pytest.approx(float(exact["ppl_unpatched"]), rel=1e-4)
     assert len(list((out / "runs").iterdir())) == 3
     assert main(["bench", "hf-sweep", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_quantize_bench_compares_every_route_with_fp32(tmp_path):
+    out = tmp_path / "q"
+    assert main(["bench", "quantize", "--out", str(out), "--d_model", "32", "--layers", "1", "--heads", "2",
+                 "--vocab", "40", "--context", "16", "--batch", "2", "--gen_tokens", "4", "--rounds", "1",
+                 "--eval_batches", "2"]) == 0
+    rows = {r["variant"]: r for r in _rows(out / "quantize.csv")}
+    assert {"fp32", "dynamic-fbgemm", "dynamic-int_mm", "weight-only"} <= set(rows)
+    fp32 = rows["fp32"]
+    for r in rows.values():
+        assert float(r["eval_tok_s"]) > 0 and float(r["gen_tok_s"]) > 0
+        assert float(r["eval_speedup"]) == pytest.approx(float(r["eval_tok_s"]) / float(fp32["eval_tok_s"]))
+        assert abs(float(r["val_loss"]) - float(fp32["val_loss"])) < 0.01 * float(fp32["val_loss"])
+        if r["variant"] != "fp32":  # int8 weights, fp32 scales and norms: well under half of fp32
+            assert 0 < float(r["bytes"]) < 0.5 * float(fp32["bytes"])

@@ -14,5 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hf-eval": ("attnlab.commands.hf_eval",
                 "perplexity and time of a local transformers checkpoint with attnlab attention in chosen layers"),
     "average-checkpoints": ("attnlab.commands.average", "average the weights of a run's last checkpoints into one"),
+    "distill": ("attnlab.commands.distill", "train a student LM against a teacher run's distribution (KL at T + CE)"),
+    "quantize": ("attnlab.commands.quantize", "int8 copy of a language-model run for CPU inference (dynamic or weight-only)"),
     "list": ("attnlab.commands.list", "attention mechanisms, key/value transforms, experiments and benchmarks"),
 }

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ..config import from_dict
 from ..errors import UserError
+from ..inference.quantize import load_quantized_checkpoint
 from ..models.lm import LM, LMConfig
 from ..training.checkpoint import load_weights
 from .build import build, build_task, tokenizer_for
@@ -18,7 +19,10 @@ from .load import LoadedRun
 def load(record: dict, ckpt, run_dir) -> LoadedRun:
     run = record.get("run", {})
     model = LM(from_dict(LMConfig, run.get("model"), "checkpoint model config"))
-    load_weights(model, ckpt)
+    if record.get("quantized"):  # written by `attnlab quantize`: int8 tensors and the manifest of swapped layers
+        load_quantized_checkpoint(model, ckpt, record["quantized"])
+    else:
+        load_weights(model, ckpt)
     data = from_dict(DataConfig, run.get("data"), "checkpoint data config")
     return LoadedRun(model, tokenizer_for(data, run_dir, fresh=False), data, record, ckpt, run_dir, "lm")
 
