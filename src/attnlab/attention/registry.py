@@ -192,7 +192,7 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
 
 # The modules of this package that register built-in mechanisms: a new mechanism is its module (or package)
 # plus one name here. Registration stays explicit, so importing the registry never runs unrelated modules.
-_BUILTINS = ("exact", "ssa", "hyper", "kv_shift")
+_BUILTINS = ("exact", "ssa", "hyper", "kv_shift", "topkeys")
 _loaded = False
 
 
