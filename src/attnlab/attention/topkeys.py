@@ -94,7 +94,8 @@ def key_weights(k: torch.Tensor, method: str, *, clusters: int = 4, iters: int =
     raise UserError(f"unknown topkeys method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def choose(weights: torch.Tensor, budget: int, *, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose(weights: torch.Tensor, budget: int, *, sample: bool,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """Indices [..., budget] (sorted) of the keys to keep: the `budget` largest weights, or a draw without
     replacement with probability ∝ weight (Gumbel-top-k; zero-weight keys come last)."""
     w = weights.double()

@@ -3,7 +3,8 @@ docstrings, are the command's options) and `main(cfg)`; a command with sub-comma
 `entries()` -> {name: (config class, help)} and `main(name, cfg)` instead."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("attnlab.commands.train", "train a decoder LM on a text corpus or a synthetic task"),
+    "train": ("attnlab.commands.train",
+              "train a model: a decoder LM (--task lm, the default) or a ViT on images (--task image)"),
     "eval": ("attnlab.commands.evaluate", "loss, perplexity or task accuracy of a trained run"),
     "generate": ("attnlab.commands.generate", "sample text from a trained run"),
     "run": ("attnlab.commands.run", "run a paper-claim experiment: report.md, plots, CSV/JSONL, summary.json"),

@@ -21,8 +21,8 @@ class Config:
     """windows per batch"""
     batches: int = 50
     """at most this many batches"""
-    split: Literal["val", "train"] = "val"
-    """which split of the corpus to score"""
+    split: Literal["val", "train", "test"] = "val"
+    """which split to score (test: image data that has one)"""
     mode: Literal["auto", "dense", "sample"] = "auto"
     """auto: each kernel's own evaluation behaviour; dense: exact attention with the same weights; sample:
     stochastic kernels keep subsampling"""

@@ -54,7 +54,8 @@ _ENTRIES: dict[str, Entry] = {}
 # Explicit registration: an experiment is its module plus one line here.
 _BUILTINS = ("attnlab.experiments.compare", "attnlab.experiments.induction", "attnlab.experiments.kvshift_lm",
              "attnlab.experiments.ssa", "attnlab.experiments.longctx", "attnlab.experiments.translate",
-             "attnlab.experiments.parallel", "attnlab.bench.attention", "attnlab.bench.kv_shift",
+             "attnlab.experiments.parallel", "attnlab.experiments.vit_prescore", "attnlab.experiments.vit_ssa",
+             "attnlab.bench.attention", "attnlab.bench.kv_shift",
              "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep")
 
 
@@ -111,7 +112,8 @@ class Context:
         elif task is None:
             task = build_task(cfg.data, model.cfg, cfg.train.batch_size, cfg.train.seed, tokenizer, corpus=corpus)
         out = self.out / under / name
-        run_config = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data)} if record else None
+        run_config = {"task": getattr(cfg, "task", "lm"), "model": dataclasses.asdict(cfg.model),
+                      "data": dataclasses.asdict(cfg.data)} if record else None
         res = train(model, task, cfg.train, cfg.optim, out_dir=out, run_config=run_config)
         return model, task, res
 

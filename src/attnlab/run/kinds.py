@@ -26,7 +26,7 @@ class Kind:
 
 
 _KINDS: dict[str, Kind] = {}
-_BUILTINS = ("attnlab.run.lm",)
+_BUILTINS = ("attnlab.run.lm", "attnlab.run.image")
 
 
 def register(kind: Kind) -> Kind:
