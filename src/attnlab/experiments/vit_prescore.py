@@ -197,7 +197,7 @@ def _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score) -> dict:
 
     r = ctx.report
     r.h("Pre-scored attention on images", 1)
-    r.p(f"Data {cfg.data} ({f'{cfg.limit_train} training images' if cfg.limit_train else 'all training images'}); "
+    r.p(f"Data {cfg.data} ({score.train_images} training images); "
         f"scored on {score.labels.numel()} {split} images. ViT: patch {cfg.patch_size} ({n_tokens} tokens), "
         f"{cfg.n_layer} blocks, d={cfg.d_model}, {cfg.n_head} heads; {cfg.steps} steps of {cfg.batch_size} images, "
         f"AdamW lr {cfg.lr}. Swapped blocks: {cfg.layers}. k-means/k-median: {cfg.clusters} clusters, {cfg.iters} "

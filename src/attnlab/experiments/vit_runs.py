@@ -74,6 +74,7 @@ class Scorer:
         n = len(data.split(split)[1])
         self.limit = math.ceil(min(images or n, n) / EVAL_BATCH)
         self.labels = self.task.labels(split, self.limit)
+        self.train_images = len(data.split("train")[1])
 
     def __call__(self, model, *, mode: str | None = None, k: int = 1, seed: int = 0) -> dict:
         model.eval()

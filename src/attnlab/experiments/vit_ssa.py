@@ -161,7 +161,7 @@ def _write(cfg, ctx, rows, curves, ft_steps, split, score) -> dict:
         mean_curves[label] = (xs, [sum(c[1][i] for c in cs) / len(cs) for i in range(len(xs))])
     plots = [line_plot(ctx.out / "val_loss.png", mean_curves, xlabel="step",
                        ylabel="validation loss (dense attention in eval)",
-                       title=f"ViT on {cfg.limit_train or 'all'} images: validation loss, mean of {cfg.n_seeds} seed(s)")]
+                       title=f"ViT on {score.train_images} images: validation loss, mean of {cfg.n_seeds} seed(s)")]
     dense_curve = mean_curves["dense"][1]
     turn = min(range(len(dense_curve)), key=dense_curve.__getitem__) if dense_curve else None
     overfit = {"min_step": mean_curves["dense"][0][turn], "min_loss": dense_curve[turn],
@@ -189,7 +189,7 @@ def _write(cfg, ctx, rows, curves, ft_steps, split, score) -> dict:
 
     r = ctx.report
     r.h("SSA on images: subsampled training, dense fine-tune and self-ensembles", 1)
-    r.p(f"Data {cfg.data}: {cfg.limit_train or 'all'} training images ({'flips' if cfg.augment else 'no augmentation'}), "
+    r.p(f"Data {cfg.data}: {score.train_images} training images ({'flips' if cfg.augment else 'no augmentation'}), "
         f"scored on {score.labels.numel()} {split} images. ViT: patch {cfg.patch_size}, {cfg.n_layer} blocks, "
         f"d={cfg.d_model}, {cfg.n_head} heads; {cfg.steps} steps of {cfg.batch_size} images (AdamW lr {cfg.lr}, "
         f"cosine), then {ft_steps} dense steps at lr {cfg.finetune_lr}. SSA spread {cfg.spread}. Seeds "
