@@ -58,8 +58,8 @@ class PrescoreViTConfig(ExperimentConfig):
     """keys per query; a budget of at least the token count is exact attention"""
     clusters: int = 4
     """k-means / k-median clusters per (image, head)"""
-    iters: int = 10
-    """Lloyd rounds"""
+    iters: int | None = None
+    """Lloyd rounds (null: 10 for k-means, 3 for k-median)"""
     layers: str = "all"
     """the blocks whose attention is swapped (all, last:N, ...)"""
     scratch_method: str = "leverage"
@@ -200,8 +200,9 @@ def _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score) -> dict:
     r.p(f"Data {cfg.data} ({score.train_images} training images); "
         f"scored on {score.labels.numel()} {split} images. ViT: patch {cfg.patch_size} ({n_tokens} tokens), "
         f"{cfg.n_layer} blocks, d={cfg.d_model}, {cfg.n_head} heads; {cfg.steps} steps of {cfg.batch_size} images, "
-        f"AdamW lr {cfg.lr}. Swapped blocks: {cfg.layers}. k-means/k-median: {cfg.clusters} clusters, {cfg.iters} "
-        f"rounds, keys sampled ∝ distance to their centroid; leverage and norm: top scores; random: uniform. "
+        f"AdamW lr {cfg.lr}. Swapped blocks: {cfg.layers}. k-means/k-median: {cfg.clusters} clusters, "
+        f"{cfg.iters or '10 (k-means) / 3 (k-median)'} Lloyd rounds, keys sampled ∝ distance to their centroid; "
+        f"leverage and norm: top scores; random: uniform. "
         f"Seeds {cfg.seed}..{cfg.seed + cfg.n_seeds - 1} (each its own model and draws); mean ± standard error. "
         f"Device {ctx.device}{', quick run' if cfg.quick else ''}.")
     r.p(f"Exact attention: {pm(exact['accuracy'], exact['accuracy_se'])} % accuracy.")
