@@ -197,7 +197,7 @@ def set_attention_mode(model: nn.Module, mode: str) -> None:
 
 # The modules of this package that register built-in mechanisms: a new mechanism is its module (or package)
 # plus one name here. Registration stays explicit, so importing the registry never runs unrelated modules.
-_BUILTINS = ("exact", "ssa", "hyper", "kv_shift", "prune")
+_BUILTINS = ("exact", "ssa", "hyper", "kv_shift", "prune", "topkeys")
 _loaded = False
 
 

@@ -3,7 +3,9 @@ docstrings, are the command's options) and `main(cfg)`; a command with sub-comma
 `entries()` -> {name: (config class, help)} and `main(name, cfg)` instead."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("attnlab.commands.train", "train a model: a decoder LM (--task lm) or a forecaster (--task forecast)"),
+    "train": ("attnlab.commands.train",
+              "train a model: a decoder LM (--task lm, the default), a ViT on images (--task image) or a forecaster "
+              "(--task forecast)"),
     "eval": ("attnlab.commands.evaluate", "loss, perplexity or task accuracy of a trained run"),
     "forecast": ("attnlab.commands.forecast", "forecast a series with a trained forecaster: CSV and plot"),
     "generate": ("attnlab.commands.generate", "sample text from a trained run"),

@@ -22,7 +22,7 @@ class Config:
     batches: int = 50
     """at most this many batches"""
     split: Literal["auto", "val", "train", "test"] = "auto"
-    """which split to score; auto: val for a language model, test for a forecaster"""
+    """which split to score; auto: val for a language model or images, test for a forecaster"""
     mode: Literal["auto", "dense", "sample"] = "auto"
     """auto: each kernel's own evaluation behaviour; dense: exact attention with the same weights; sample:
     stochastic kernels keep subsampling"""

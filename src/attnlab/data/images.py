@@ -37,33 +37,39 @@ _IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[.-]idx[13]-ubyte(\.gz)?$"
 
 @dataclass
 class ImageDataConfig:
-    """Where the images are and how they are split, sized and augmented.
-
-    path: a folder of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...), an IDX
-      images file, or a folder with one sub-folder per class (optionally inside train/, val/ and test/).
-    labels / test_path / test_labels: explicit IDX files (labels default to the images file's name with
-      images-idx3 replaced by labels-idx1).
-    image_size: 0 keeps the native size (images of mixed sizes are then refused); otherwise every image is
-      resized (stretched) to image_size × image_size.
-    crop_padding: None is image height // 8 (3 for 28×28, 4 for 32×32); 0 disables the random crop.
-    class_names: names for IDX labels 0, 1, ... (default: Fashion-MNIST's when the path mentions
-      "fashion", else the label numbers); folder classes are named by their sub-folders.
-    """
+    """Where the images are and how they are split, sized and augmented."""
 
     path: str = ""
+    """a folder of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...), an IDX
+    images file, or a folder with one sub-folder per class (optionally inside train/, val/ and test/)"""
     format: Literal["auto", "idx", "folder"] = "auto"
+    """auto: IDX when path is a file or holds IDX training files, else class folders"""
     labels: str = ""
+    """the IDX labels file of an images file (default: its name with images-idx3 replaced by labels-idx1)"""
     test_path: str = ""
+    """an IDX images file to use as the test split"""
     test_labels: str = ""
+    """its labels file (default: guessed from its name)"""
     val_fraction: float = 0.1
+    """share of the training images held out for validation (stratified) where the data has no val split;
+    0 with IDX test files: validate on the test images"""
     split_seed: int = 0
+    """seed of the validation split and of the limit_* subsets"""
     image_size: int = 0
+    """0: the native size (images of mixed sizes are refused); N: every image resized to N × N"""
     augment: bool = True
+    """random crops (and flips, see flip) of the training images"""
     flip: bool = True
+    """mirror half of the training images left-right (with augment)"""
     crop_padding: int | None = None
-    limit_train: int = 0  # 0: all
+    """largest shift of the random crop in pixels; null: image height // 8 (3 for 28×28); 0: no crop"""
+    limit_train: int = 0
+    """train on a random subset of this many images; 0: all"""
     limit_val: int = 0
+    """validate on a random subset of this many images; 0: all"""
     class_names: list[str] = field(default_factory=list)
+    """names for IDX labels 0, 1, ... (default: Fashion-MNIST's when the path mentions "fashion", else the
+    label numbers); folder classes are named by their sub-folders"""
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:

@@ -54,7 +54,7 @@ def base(cfg: CompareConfig) -> RunConfig:
 
 def variants(cfg: CompareConfig) -> dict[str, AttentionSpec]:
     """Every kernel alone, then every kernel with every transform: transforms compose with any kernel."""
-    names = cfg.mechanisms or sorted(kernels())
+    names = cfg.mechanisms or sorted(n for n, e in kernels().items() if e.caps.causal)  # an LM task
     tfs = ["none"] + (sorted(transforms()) if cfg.transforms else [])
     return {(n if t == "none" else f"{n}+{t}"): AttentionSpec(name=n, options=dict(cfg.options.get(n, {})), transform=t,
                                                               transform_options=dict(cfg.options.get(t, {})))

@@ -30,23 +30,40 @@ from .lm import build_attention_layers
 
 @dataclass
 class ViTConfig:
-    image_size: int = 28  # image height (and width, unless image_width is set)
-    image_width: int = 0  # 0: square images
+    image_size: int = 28
+    """image height (and width, unless image_width is set); `--task image` takes it from the data"""
+    image_width: int = 0
+    """image width; 0: square images"""
     patch_size: int = 4
+    """side of the square patches (tokens per image: (H/P)·(W/P), plus the class token)"""
     channels: int = 1
+    """image channels (taken from the data by `--task image`)"""
     num_classes: int = 10
+    """classes (taken from the data by `--task image`)"""
     n_layer: int = 6
+    """Transformer blocks"""
     n_head: int = 4
-    n_kv_head: int | None = None  # fewer than n_head for grouped-query attention
+    """attention heads"""
+    n_kv_head: int | None = None
+    """key/value heads: fewer than n_head for grouped-query attention; null: n_head"""
     d_model: int = 128
-    d_ff: int | None = None  # default: 4·d (gelu) or ≈8/3·d (swiglu)
+    """width of the token states"""
+    d_ff: int | None = None
+    """hidden width of the MLP; null: 4·d (gelu) or ≈8/3·d (swiglu)"""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """normalisation layers"""
     mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP kind"""
     pool: Literal["cls", "mean"] = "cls"
+    """read the class from a class token (cls) or the mean of the patch tokens (mean)"""
     pos: Literal["learned", "sincos", "none"] = "learned"
+    """patch positions: learned, fixed 2-D sin-cos, or none"""
     dropout: float = 0.0
+    """dropout on the embeddings, residual branches and MLP"""
     bias: bool = True
+    """biases in the linear layers and norms"""
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    """the attention mechanism (name, options, layers) and key/value transform"""
 
     def __post_init__(self):
         named = dict(image_size=self.image_size, patch_size=self.patch_size, channels=self.channels,

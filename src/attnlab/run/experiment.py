@@ -55,7 +55,7 @@ _ENTRIES: dict[str, Entry] = {}
 _BUILTINS = ("attnlab.experiments.compare", "attnlab.experiments.induction", "attnlab.experiments.kvshift_lm",
              "attnlab.experiments.ssa", "attnlab.experiments.longctx", "attnlab.experiments.translate",
              "attnlab.experiments.parallel", "attnlab.experiments.forecast", "attnlab.experiments.pathways",
-             "attnlab.experiments.deploy",
+             "attnlab.experiments.deploy", "attnlab.experiments.vit_prescore", "attnlab.experiments.vit_ssa",
              "attnlab.bench.attention", "attnlab.bench.kv_shift",
              "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep",
              "attnlab.bench.quantize")

@@ -26,7 +26,7 @@ class Kind:
 
 
 _KINDS: dict[str, Kind] = {}
-_BUILTINS = ("attnlab.run.lm", "attnlab.run.forecast")
+_BUILTINS = ("attnlab.run.lm", "attnlab.run.image", "attnlab.run.forecast")
 
 
 def register(kind: Kind) -> Kind:
