@@ -114,11 +114,11 @@ def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
     eval_s = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else run.run_dir / "eval"
     labels, pred = task.labels(split), probs.argmax(1)
-    title = f"{cfg.split}, {cfg.mode}" + (f", K={cfg.ensemble}" if cfg.ensemble > 1 else "")
+    title = f"{split}, {cfg.mode}" + (f", K={cfg.ensemble}" if cfg.ensemble > 1 else "")
     confusion_matrix_png(out / "confusion_matrix.png", labels, pred, data.classes, title=title)
-    misclassified_grid_png(out / "misclassified.png", task.images(cfg.split), labels, pred, data.classes,
+    misclassified_grid_png(out / "misclassified.png", task.images(split), labels, pred, data.classes,
                            probs=probs, title=title)
-    return {"split": cfg.split, **metrics, "eval_s": eval_s, "confusion_matrix": str(out / "confusion_matrix.png"),
+    return {"split": split, **metrics, "eval_s": eval_s, "confusion_matrix": str(out / "confusion_matrix.png"),
             "misclassified": str(out / "misclassified.png")}
 
 
