@@ -16,8 +16,9 @@ layers stay bit-identical. Two names are registered, one per base the unpatched 
 
 What a patched layer does:
 - prefill / full forward: the kernel gets q [B,Hq,N,D] and k, v [B,Hkv,N,D] (grouped-query attention is the
-  kernel's job), the module's own `scaling`, and the mask reduced to its cheapest form: causal plus a
-  [B,1,1,N] key-padding mask when the model's mask is exactly that, otherwise the full boolean mask.
+  kernel's job), the module's own `scaling`, and the mask reduced to its cheapest form: (causal plus) a
+  [B,1,1,N] key-padding mask when the model's mask is exactly that, in causal and in bidirectional layers,
+  otherwise the full boolean mask.
 - decoding with a KV cache (fewer queries than keys in a causal layer, or a paged cache): attnlab's
   approximate kernels are prefill algorithms (HyperAttention's official code is prefill-only too), so by
   default such calls fall back to the model's own exact attention; `decode="refuse"` raises instead.
@@ -278,8 +279,10 @@ def kernel_mask(attention_mask: torch.Tensor | None, is_causal: bool, nq: int, n
     """Turn the mask a transformers model built into the kernel signature's (mask, causal) pair.
 
     A causal layer whose mask is exactly "causal and these keys are real tokens" (the usual padded batch)
-    gets causal=True plus a [B, 1, 1, Nk] key mask, which approximate kernels can honour cheaply; any other
-    pattern (sliding windows, packed documents) is passed whole, with causality already folded in.
+    gets causal=True plus a [B, 1, 1, Nk] key mask, and so does a non-causal layer (an encoder) whose mask
+    repeats one key row for every query: approximate kernels honour a key mask cheaply and keep padding out
+    of their structure (HyperAttention runs each sequence on its real keys). Any other pattern (sliding
+    windows, packed documents) is passed whole, with causality already folded in.
     """
     causal = is_causal and nq > 1  # one query sees every cached key: no causal cut, as in HF's SDPA path
     if attention_mask is None:
@@ -302,4 +305,9 @@ def kernel_mask(attention_mask: torch.Tensor | None, is_causal: bool, nq: int, n
         keys = m[:, :, -1:, :]
         if torch.equal(m, causal_mask(nq, nk, m.device) & keys):
             return (None if bool(keys.all()) else keys), True
+    elif not causal:
+        # An encoder's (or cross-attention's) padding mask repeats one key row for every query.
+        keys = m[:, :, :1, :]
+        if m.stride(2) == 0 or torch.equal(m, keys.expand_as(m)):
+            return (None if bool(keys.all()) else keys), False
     return m, False  # causality, if any, is already part of the model's full mask
