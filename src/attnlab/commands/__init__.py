@@ -10,6 +10,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("attnlab.commands.bench", "run a benchmark (speed, memory, error): report.md, plots, CSV"),
     "hf-eval": ("attnlab.commands.hf_eval",
                 "perplexity and time of a local transformers checkpoint with attnlab attention in chosen layers"),
+    "finetune": ("attnlab.commands.finetune",
+                 "fine-tune a local transformers or GGUF causal LM with attnlab attention patched in (full or LoRA)"),
     "average-checkpoints": ("attnlab.commands.average", "average the weights of a run's last checkpoints into one"),
     "list": ("attnlab.commands.list", "attention mechanisms, key/value transforms, experiments and benchmarks"),
 }

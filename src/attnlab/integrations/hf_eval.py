@@ -29,6 +29,7 @@ from ..inference.ensemble import attention_mode, mean_probability
 from ..training.device import resolve_device
 from .hf import attention_modules, original_attention, patch_model, require_transformers
 from .hf_load import DTYPES, load_pretrained
+from .hf_transform import apply_saved
 
 @dataclass
 class HFEvalConfig:
@@ -150,8 +151,11 @@ def format_table(r: dict) -> str:
 def load_local(path: str | Path | None, dtype: str = "float32", device: torch.device | str = "cpu",
                gguf_file: str | Path | None = None):
     """Tokenizer and causal LM from a local directory or GGUF file, never from the network, with SDPA attention
-    (`hf_load.load_pretrained`)."""
-    return load_pretrained(path, gguf_file, dtype=dtype, device=device)
+    (`hf_load.load_pretrained`), and the key/value transform a saved fine-tune carries."""
+    tokenizer, model = load_pretrained(path, gguf_file, dtype=dtype, device=device)
+    if gguf_file is None and path is not None and Path(path).is_dir():
+        apply_saved(model, Path(path))  # a fine-tune's retrofitted transform is part of the model
+    return tokenizer, model
 
 
 def token_windows(tokenizer, path: Path, context: int, windows: int) -> torch.Tensor:

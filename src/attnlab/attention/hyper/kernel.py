@@ -301,8 +301,9 @@ def _rect(q, k, v, mask, ctx):
             full = mask.expand(b, hq, nq, nk)
 
     proj = lsh.projections(d, cfg.lsh_bits, generator=ctx.gen, device=dev)
-    q_rank = lsh.bucket_ranks(q, proj)
-    k_rank = lsh.bucket_ranks(k, proj)
+    # Hashes and scores only choose keys: no gradient flows through them, so none is recorded.
+    q_rank = lsh.bucket_ranks(q.detach(), proj)
+    k_rank = lsh.bucket_ranks(k.detach(), proj)
     if key_valid is not None:
         k_rank = k_rank.masked_fill(~key_valid, 2**cfg.lsh_bits)  # masked keys sort last: blocks stay full
     q_perm = lsh.sort_by_bucket(q_rank)  # [B, Hq, Nq]: sorted position -> original index
@@ -348,7 +349,7 @@ def _rect(q, k, v, mask, ctx):
     picks = []
     n_sel = 0
     if cfg.prescore != "none":
-        scores = key_scores(k, cfg.prescore, clusters=cfg.n_clusters, iters=cfg.n_iters, fit_size=cfg.fit_size,
+        scores = key_scores(k.detach(), cfg.prescore, clusters=cfg.n_clusters, iters=cfg.n_iters, fit_size=cfg.fit_size,
                             kmedian_l1=cfg.kmedian_distance == "l1", generator=ctx.gen).float()
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid, float("-inf"))
