@@ -55,7 +55,8 @@ _ENTRIES: dict[str, Entry] = {}
 _BUILTINS = ("attnlab.experiments.compare", "attnlab.experiments.induction", "attnlab.experiments.kvshift_lm",
              "attnlab.experiments.ssa", "attnlab.experiments.longctx", "attnlab.experiments.translate",
              "attnlab.experiments.parallel", "attnlab.bench.attention", "attnlab.bench.kv_shift",
-             "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep")
+             "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep",
+             "attnlab.experiments.adapt")
 
 
 def experiment(name: str, config_cls: type = ExperimentConfig, help: str = "", kind: Kind = "experiment"):
