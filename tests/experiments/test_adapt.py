@@ -55,3 +55,26 @@ def test_options_that_leave_hyper_exact_in_training_are_refused(tmp_path, capsys
     assert main(["run", "adapt", "--out", str(tmp_path / "o"), "--model", str(tmp_path), "--data",
                  str(tmp_path / "t.txt"), "--train_context", "128", "--hyper", '{"min_seq_len": 4096}']) == 2
     assert "hyper is exact at --train_context 128" in capsys.readouterr().err
+
+
+def test_layer_tails_reproduce_full_patched_passes(tmp_path):
+    from attnlab.integrations.hf_tail import boundary_states, nll, tail_logits
+    from attnlab.integrations.hf import unpatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(
+        LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256), attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 61, (1, 96), generator=torch.Generator().manual_seed(0))
+    logits, seen, _ = boundary_states(model, ids, [1, 3])
+    for first in (1, 3):
+        patch_model(model, "hyper", {"min_seq_len": 16, "block_size": 8, "sample_size": 8, "prescore": "kmeans",
+                                     "top_k": 8}, f"last:{4 - first}")
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits
+        tail, _ = tail_logits(model, seen[first], first)
+        unpatch_model(model)
+        torch.testing.assert_close(tail, full, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(tail, logits, atol=1e-4)  # the patch did change something
+        assert nll(tail, ids) > 0

@@ -25,6 +25,7 @@ active (the hyper options must make it active at both: min_seq_len below train_c
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,20 +162,25 @@ def adapt(cfg: AdaptConfig, ctx) -> dict:
         unpatch_model(model)
         model.load_state_dict(original)
 
+    def patched_ppl(note):
+        """Perplexity with each distinct hyper option set patched in (a transform at identity changes
+        nothing, so a variant that differs only by one shares the number)."""
+        out, done = {}, {}
+        for label, opts, _ in vs:
+            key = json.dumps(opts, sort_keys=True)
+            if key not in done:
+                patch_model(model, "hyper", opts, cfg.layers)
+                done[key] = ppl(f"{note}, {label}")
+                unpatch_model(model)
+            out[label] = done[key]
+        return out
+
     e0 = ppl("pretrained, own attention")
-    p0 = {}
-    for label, opts, transform in vs:
-        patch_model(model, "hyper", opts, cfg.layers)  # a transform at identity changes nothing: same P0
-        p0[label] = ppl(f"pretrained, {label}")
-        unpatch_model(model)
+    p0 = patched_ppl("pretrained")
     # Plain fine-tuning: the domain-adaptation baseline every variant is measured against.
     plain = fine_tune(ft_config("none", {}, None))
     e1 = ppl("fine-tuned without the mechanism, own attention")
-    pe = {}
-    for label, opts, _ in vs:
-        patch_model(model, "hyper", opts, cfg.layers)
-        pe[label] = ppl(f"fine-tuned without the mechanism, {label}")
-        unpatch_model(model)
+    pe = patched_ppl("fine-tuned without the mechanism")
     reset()
     rows, trains = [], [{"variant": "plain (no mechanism)", **_train_row(plain)}]
     for label, opts, transform in vs:
@@ -233,3 +239,97 @@ def _write(ctx, cfg, rows, trains, log):
 
         rep.image(figure(ctx.out / "recovered.png", draw), "share of the patched-vs-exact gap recovered")
     rep.save()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The inference side on the same model: hyper (each pre-scoring) in the last n layers, prefix computed once.
+
+
+@dataclass
+class HFLayersConfig(ExperimentConfig):
+    out: str = "runs/hf-layers"
+    """output folder (must not hold an earlier run)"""
+    model: str = ""
+    """a local transformers checkpoint folder or .gguf file (required)"""
+    gguf_file: str | None = None
+    """a GGUF file to load instead (a path, or a name inside --model)"""
+    data: str = ""
+    """text file to score (required)"""
+    context: int = 8192
+    """tokens per window"""
+    windows: int = 1
+    """windows scored"""
+    last: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """patch the last n layers, for each n"""
+    hyper: dict = field(default_factory=dict)
+    """hyper options shared by every variant"""
+    prescores: list[str] = field(default_factory=lambda: list(PRESCORES))
+    """pre-scoring methods (none: plain hyper)"""
+
+
+@experiment("hf-layers", HFLayersConfig, kind="benchmark")
+def hf_layers(cfg: HFLayersConfig, ctx) -> dict:
+    """perplexity and tail time of hyper (each pre-scoring) in the last n layers of a real model, shared prefix"""
+    from ..integrations.hf import patch_model, unpatch_model
+    from ..integrations.hf_eval import token_windows
+    from ..integrations.hf_load import load_pretrained
+    from ..integrations.hf_tail import boundary_states, check_tail, decoder_layers, nll, tail_logits
+
+    if not (cfg.model or cfg.gguf_file) or not cfg.data:
+        raise UserError("hf-layers needs --model (a transformers folder or .gguf file) and --data (a text file)")
+    bad = sorted(set(cfg.prescores) - set(PRESCORES))
+    if bad:
+        raise UserError(f"unknown pre-scoring method(s) {', '.join(bad)}; choose from {', '.join(PRESCORES)}")
+    tok, model = load_pretrained(cfg.model or None, cfg.gguf_file, device=ctx.device)
+    n_layer = len(decoder_layers(model))
+    if not cfg.last or min(cfg.last) < 1 or max(cfg.last) > n_layer:
+        raise UserError(f"--last must name layer counts between 1 and {n_layer}")
+    windows = token_windows(tok, Path(cfg.data), cfg.context, cfg.windows)
+    firsts = {n: n_layer - n for n in cfg.last}
+    check_tail(model, windows[:1].to(ctx.device), min(firsts.values()))
+    variants = [("exact", {}, "exact")] + [("hyper", {**cfg.hyper, "prescore": p}, "hyper" if p == "none"
+                                            else f"hyper+{p}") for p in cfg.prescores]
+    acc: dict[tuple, dict] = {}
+    t0 = time.time()
+    for w in range(len(windows)):
+        ids = windows[w : w + 1].to(ctx.device)
+        logits, seen, full_s = boundary_states(model, ids, list(firsts.values()))
+        base = nll(logits, ids)
+        del logits
+        for n, first in firsts.items():
+            _, tail_u = tail_logits(model, seen[first], first)
+            for name, opts, label in variants:
+                patch_model(model, name, opts, f"last:{n}")
+                lg, tail_p = tail_logits(model, seen[first], first)
+                unpatch_model(model)
+                a = acc.setdefault((n, label), {"base": 0.0, "patched": 0.0, "tail_u": 0.0, "tail_p": 0.0,
+                                                "full": 0.0})
+                a["base"] += base
+                a["patched"] += nll(lg, ids)
+                a["tail_u"] += tail_u
+                a["tail_p"] += tail_p
+                a["full"] += full_s
+                print(f"[hf-layers {time.time() - t0:6.0f}s] window {w} last {n} {label}: nll {nll(lg, ids):.4f} "
+                      f"(unpatched {base:.4f}), tail {tail_p:.1f}s vs {tail_u:.1f}s", flush=True)
+                del lg
+    import math
+
+    k = len(windows)
+    rows = []
+    for (n, label), a in acc.items():
+        pu, pp = math.exp(a["base"] / k), math.exp(a["patched"] / k)
+        rows.append({"last": n, "variant": label, "ppl_unpatched": pu, "ppl_patched": pp,
+                     "gap_pct": 100 * (pp / pu - 1), "tail_s_unpatched": a["tail_u"] / k,
+                     "tail_s_patched": a["tail_p"] / k, "tail_ratio": a["tail_p"] / a["tail_u"],
+                     "model_s_estimate_ratio": (a["full"] - a["tail_u"] + a["tail_p"]) / a["full"]})
+    rep = ctx.report
+    rep.csv("layers.csv", rows)
+    rep.h("HyperAttention and pre-scoring in the last layers of a pretrained model", 1)
+    rep.p(f"{cfg.gguf_file or cfg.model} on {cfg.data}: {k} window(s) of {cfg.context} tokens, {ctx.device}; hyper "
+          f"options {cfg.hyper or 'defaults'}. Perplexities e-based. The first N - n layers run once per window "
+          "(unpatched); each variant runs its last n layers on their output. tail_ratio: patched over unpatched "
+          "time of those n layers and the head; model_s_estimate_ratio: the whole forward, prefix included.")
+    rep.table(rows, ["last", "variant", "ppl_unpatched", "ppl_patched", "gap_pct", "tail_s_unpatched",
+                     "tail_s_patched", "tail_ratio", "model_s_estimate_ratio"], fmt="{:.3f}")
+    rep.save()
+    return {"rows": rows}
