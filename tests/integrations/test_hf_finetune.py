@@ -132,3 +132,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
         last = err.splitlines()[-1]  # above it at most transformers' loading bars
         assert last.startswith("attnlab: error:") and words in last and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_lora_layers_limit_the_adapters(tiny, tmp_path):
+    before = AutoModelForCausalLM.from_pretrained(tiny / "model").state_dict()
+    r = run(tiny, tmp_path / "o", method="lora", lora_layers="last:1", lr=5e-3, eval_windows=0)
+    assert r["params"]["trainable"] == 8 * ((32 + 32) * 2 + (32 + 16) * 2)  # one layer: q, o and k, v
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)

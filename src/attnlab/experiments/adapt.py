@@ -78,6 +78,9 @@ class AdaptConfig(ExperimentConfig):
     """LoRA rank"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """linear layers that get adapters"""
+    lora_layers: str = "mechanism"
+    """decoder layers that get adapters: mechanism (the layers in --layers; the backward pass then stops
+    there), all, last:N, ..."""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass"""
     bf16: bool = False
@@ -135,10 +138,13 @@ def adapt(cfg: AdaptConfig, ctx) -> dict:
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log, t0 = [], time.time()
 
+    lora_layers = cfg.layers if cfg.lora_layers == "mechanism" else cfg.lora_layers
+
     def ft_config(attention, options, transform):
         return FinetuneConfig(attention=attention, options=options, layers=cfg.layers, transform=transform,
                               method="lora", lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r,
-                              lora_targets=cfg.lora_targets, context=cfg.train_context, batch_size=cfg.batch_size,
+                              lora_targets=cfg.lora_targets, lora_layers=lora_layers, context=cfg.train_context,
+                              batch_size=cfg.batch_size,
                               steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10), seed=cfg.seed,
                               gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, progress=False,
                               save=False)
@@ -214,7 +220,8 @@ def _write(ctx, cfg, rows, trains, log):
     rep.jsonl("log.jsonl", log)
     rep.h("Fine-tuning with efficient attention in place", 1)
     rep.p(f"{cfg.gguf_file or cfg.model}, mechanism in layers {cfg.layers}, hyper options {cfg.hyper}. Held-out: "
-          f"{cfg.eval_windows} window(s) of {cfg.eval_context} tokens; LoRA r={cfg.lora_r} on {cfg.lora_targets}, "
+          f"{cfg.eval_windows} window(s) of {cfg.eval_context} tokens; LoRA r={cfg.lora_r} on {cfg.lora_targets} "
+          f"in layers {cfg.lora_layers}, "
           f"{cfg.steps} steps of {cfg.batch_size}x{cfg.train_context} tokens, lr {cfg.lr}, on {cfg.data}. "
           "E0/P0: pretrained, own attention / patched; E1/Pe: fine-tuned without the mechanism, own attention / "
           "patched; Pm/Em: fine-tuned with it, patched / own attention. recovered = 1 - (Pm - E1)/(P0 - E0); "

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..attention.registry import kernel_entry
+from ..attention.registry import kernel_entry, select_layers
 from ..errors import UserError, require_file
 from ..training.device import resolve_device
-from .hf import patch_info, patch_model, unpatch_model
+from .hf import attention_modules, patch_info, patch_model, unpatch_model
 from .hf_load import DTYPES, load_pretrained
 from .hf_transform import (SAVED_INFO, TRANSFORM_FILE, add_transform, apply_saved, load_transform_state,
                            remove_transform, transform_info, transform_state)
@@ -68,6 +68,9 @@ class FinetuneConfig:
     """dropout on the LoRA branch"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """comma-separated names of the linear layers that get adapters, or all-linear"""
+    lora_layers: str = "all"
+    """decoder layers whose targets get adapters (all, last:N, ...): adapters only in the last layers also cut
+    the backward pass short"""
     context: int = 512
     """tokens per training window"""
     batch_size: int = 4
@@ -163,8 +166,14 @@ def wrap_for_training(model: nn.Module, cfg) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = check_lora_targets(model, cfg.lora_targets)
+    where = {}
+    if cfg.lora_layers != "all":
+        n_layer = max(attention_modules(model)) + 1
+        where = {"layers_to_transform": select_layers(cfg.lora_layers, n_layer)}
+        if not where["layers_to_transform"]:
+            raise UserError(f"--lora_layers {cfg.lora_layers!r} selects no layer")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", **where)
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, lora)
     for name, p in peft_model.named_parameters():
