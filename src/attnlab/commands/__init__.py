@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("attnlab.commands.bench", "run a benchmark (speed, memory, error): report.md, plots, CSV"),
     "hf-eval": ("attnlab.commands.hf_eval",
                 "perplexity and time of a local transformers checkpoint with attnlab attention in chosen layers"),
+    "finetune": ("attnlab.commands.finetune",
+                 "fine-tune a local transformers or GGUF causal LM with attnlab attention patched in (full or LoRA)"),
     "average-checkpoints": ("attnlab.commands.average", "average the weights of a run's last checkpoints into one"),
     "distill": ("attnlab.commands.distill", "train a student LM against a teacher run's distribution (KL at T + CE)"),
     "quantize": ("attnlab.commands.quantize", "int8 copy of a language-model run for CPU inference (dynamic or weight-only)"),

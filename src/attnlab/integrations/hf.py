@@ -16,8 +16,9 @@ layers stay bit-identical. Two names are registered, one per base the unpatched 
 
 What a patched layer does:
 - prefill / full forward: the kernel gets q [B,Hq,N,D] and k, v [B,Hkv,N,D] (grouped-query attention is the
-  kernel's job), the module's own `scaling`, and the mask reduced to its cheapest form: causal plus a
-  [B,1,1,N] key-padding mask when the model's mask is exactly that, otherwise the full boolean mask.
+  kernel's job), the module's own `scaling`, and the mask reduced to its cheapest form: (causal plus) a
+  [B,1,1,N] key-padding mask when the model's mask is exactly that, in causal and in bidirectional layers,
+  otherwise the full boolean mask.
 - decoding with a KV cache (fewer queries than keys in a causal layer, or a paged cache): attnlab's
   approximate kernels are prefill algorithms (HyperAttention's official code is prefill-only too), so by
   default such calls fall back to the model's own exact attention; `decode="refuse"` raises instead.
@@ -25,12 +26,15 @@ What a patched layer does:
   function); other kernels cannot drop individual attention weights, so they refuse with a message rather
   than silently skip the dropout (set the model's attention dropout to 0, or train with `exact`).
 - a model feature the kernels cannot reproduce (logit soft-capping, attention sinks, position biases, an
-  additive float bias in the mask) is refused in patched layers, never ignored.
+  additive float bias in the mask) is refused in patched layers, never ignored: `patch_model` names the
+  layers and the reason up front (`unpatchable_layers`), including attention modules that compute attention
+  themselves instead of calling the AttentionInterface (patching them would change nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
@@ -144,6 +148,7 @@ def patch_model(
             "the integration needs a model built on transformers' AttentionInterface"
         )
     chosen = select_layers(cfg.layers, max(modules) + 1)
+    _refuse_unpatchable(model, modules, chosen, cfg.attention)
     kernels = {}
     for idx in chosen:
         for mod in modules.get(idx, []):
@@ -160,6 +165,53 @@ def patch_model(
     model._attnlab_patch = _PatchInfo(base, cfg, chosen)
     _set_implementation(model, IMPL_FOR_BASE[base])
     return chosen
+
+
+def unpatchable_layers(model: nn.Module, modules: dict[int, list[nn.Module]] | None = None,
+                       layers: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """{reason: layer indices} for the attention layers whose computation an attnlab kernel cannot take over:
+    modules that bypass transformers' AttentionInterface (patching them would silently change nothing), and
+    features the kernels do not reproduce (logit soft-capping, learned attention sinks)."""
+    modules = attention_modules(model) if modules is None else modules
+    found: dict[str, list[int]] = {}
+    for idx in sorted(modules if layers is None else layers):
+        for mod in modules.get(idx, []):
+            why = _unpatchable(mod, getattr(mod, "config", None) or model.config)
+            if why and idx not in found.setdefault(why, []):
+                found[why].append(idx)
+    return found
+
+
+def _unpatchable(mod: nn.Module, config) -> str | None:
+    try:
+        source = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        source = None
+    if source is not None and "ATTENTION_FUNCTIONS" not in source:
+        return f"{type(mod).__name__} computes attention itself instead of calling transformers' AttentionInterface"
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        return f"attention logit soft-capping (attn_logit_softcapping={softcap})"
+    if isinstance(getattr(mod, "sinks", None), torch.Tensor):
+        return "learned attention sinks"
+    return None
+
+
+def _refuse_unpatchable(model, modules, chosen, name):
+    found = unpatchable_layers(model, modules, chosen)
+    if found:
+        parts = "; ".join(f"layers {_ranges(idx)}: {why}" for why, idx in found.items())
+        raise UserError(f"cannot patch attention {name!r} into {type(model).__name__}: {parts}")
+
+
+def _ranges(idx: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(idx):
+        start = x if start is None else start
+        if i + 1 == len(idx) or idx[i + 1] != x + 1:
+            out.append(str(x) if x == start else f"{start}-{x}")
+            start = None
+    return ",".join(out)
 
 
 def unpatch_model(model: nn.Module) -> None:
@@ -278,8 +330,10 @@ def kernel_mask(attention_mask: torch.Tensor | None, is_causal: bool, nq: int, n
     """Turn the mask a transformers model built into the kernel signature's (mask, causal) pair.
 
     A causal layer whose mask is exactly "causal and these keys are real tokens" (the usual padded batch)
-    gets causal=True plus a [B, 1, 1, Nk] key mask, which approximate kernels can honour cheaply; any other
-    pattern (sliding windows, packed documents) is passed whole, with causality already folded in.
+    gets causal=True plus a [B, 1, 1, Nk] key mask, and so does a non-causal layer (an encoder) whose mask
+    repeats one key row for every query: approximate kernels honour a key mask cheaply and keep padding out
+    of their structure (HyperAttention runs each sequence on its real keys). Any other pattern (sliding
+    windows, packed documents) is passed whole, with causality already folded in.
     """
     causal = is_causal and nq > 1  # one query sees every cached key: no causal cut, as in HF's SDPA path
     if attention_mask is None:
@@ -302,4 +356,9 @@ def kernel_mask(attention_mask: torch.Tensor | None, is_causal: bool, nq: int, n
         keys = m[:, :, -1:, :]
         if torch.equal(m, causal_mask(nq, nk, m.device) & keys):
             return (None if bool(keys.all()) else keys), True
+    elif not causal:
+        # An encoder's (or cross-attention's) padding mask repeats one key row for every query.
+        keys = m[:, :, :1, :]
+        if m.stride(2) == 0 or torch.equal(m, keys.expand_as(m)):
+            return (None if bool(keys.all()) else keys), False
     return m, False  # causality, if any, is already part of the model's full mask

@@ -6,7 +6,8 @@ tokens; each window is scored from scratch (no carried-over context), so every t
 `context - 1` previous tokens. Perplexity is e-based: exp(mean negative log-likelihood in nats). The official
 HyperAttention script prints 2**nats instead; multiply our nats by 1/ln 2 ≈ 1.4427 to get bits.
 Times are forward passes only (not the loss), interleaved window by window between the two sides.
-Nothing is fetched from the network: the model and tokenizer load from `model` with local_files_only.
+Nothing is fetched from the network: the model and tokenizer load from `model` (a directory) or a GGUF file
+with local_files_only (`hf_load`).
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from ..bench.measure import sync
 from ..inference.ensemble import attention_mode, mean_probability
 from ..training.device import resolve_device
 from .hf import attention_modules, original_attention, patch_model, require_transformers
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .hf_load import DTYPES, load_pretrained
+from .hf_transform import apply_saved
 
 @dataclass
 class HFEvalConfig:
     """Score a text with a local transformers checkpoint, unpatched and patched."""
 
     model: str = ""
-    """a local checkpoint directory (config.json, weights, tokenizer files)"""
+    """a local checkpoint directory (config.json, weights, tokenizer files), or a .gguf file"""
+    gguf_file: str | None = None
+    """a GGUF file to load instead (a path, or a name inside --model); needs `pip install 'attnlab[hf]'`"""
     data: str = ""
     """a UTF-8 text file to score"""
     attention: str = "hyper"
@@ -71,7 +73,7 @@ def hf_eval(cfg: HFEvalConfig) -> dict:
     _check(cfg)
     transformers = require_transformers()
     device, _ = resolve_device(cfg.device, "float32")
-    tokenizer, model = load_local(cfg.model, cfg.dtype, device)
+    tokenizer, model = load_local(cfg.model, cfg.dtype, device, gguf_file=cfg.gguf_file)
     windows = token_windows(tokenizer, Path(cfg.data), cfg.context, cfg.windows)
     chosen = patch_model(model, cfg.attention, cfg.options, cfg.layers, decode="refuse")
     n_layer = len(attention_modules(model))
@@ -93,6 +95,7 @@ def hf_eval(cfg: HFEvalConfig) -> dict:
 
     result = {
         "model": str(cfg.model),
+        "gguf_file": cfg.gguf_file,
         "data": str(cfg.data),
         "attention": cfg.attention,
         "options": dict(cfg.options),
@@ -127,7 +130,7 @@ def label(attention: str, options: dict[str, Any]) -> str:
 
 def format_table(r: dict) -> str:
     head = (
-        f"{r['model']}: context {r['context']}, {r['windows']} window(s), {r['tokens_scored']} tokens scored, "
+        f"{r.get('gguf_file') or r['model']}: context {r['context']}, {r['windows']} window(s), {r['tokens_scored']} tokens scored, "
         f"layers {r['layers']} -> {r['patched_layers']} of {r['n_layer']}, {r['device']} {r['dtype']}"
     )
     rows = [("attention", "perplexity (e)", "nats/token", "s/window", "time vs unpatched")]
@@ -145,27 +148,14 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def load_local(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"):
-    """Tokenizer and causal LM from a local directory, never from the network, with SDPA attention."""
-    require_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"model directory not found: {p}")
-    if not (p / "config.json").is_file():
-        raise UserError(f"{p} has no config.json: point --model at a saved transformers checkpoint")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {p}: {str(e).splitlines()[0]}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            p, local_files_only=True, attn_implementation="sdpa", dtype=_DTYPES[dtype]
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a causal language model from {p}: {str(e).splitlines()[0]}") from None
-    return tokenizer, model.to(device).eval()
+def load_local(path: str | Path | None, dtype: str = "float32", device: torch.device | str = "cpu",
+               gguf_file: str | Path | None = None):
+    """Tokenizer and causal LM from a local directory or GGUF file, never from the network, with SDPA attention
+    (`hf_load.load_pretrained`), and the key/value transform a saved fine-tune carries."""
+    tokenizer, model = load_pretrained(path, gguf_file, dtype=dtype, device=device)
+    if gguf_file is None and path is not None and Path(path).is_dir():
+        apply_saved(model, Path(path))  # a fine-tune's retrofitted transform is part of the model
+    return tokenizer, model
 
 
 def token_windows(tokenizer, path: Path, context: int, windows: int) -> torch.Tensor:
@@ -239,8 +229,8 @@ def _target_logprobs(logits, batch, chunk=1024):
 
 
 def _check(cfg: HFEvalConfig) -> None:
-    if not cfg.model:
-        raise UserError("--model is required: a local directory holding a transformers checkpoint")
+    if not cfg.model and not cfg.gguf_file:
+        raise UserError("--model is required: a local directory holding a transformers checkpoint (or --gguf-file)")
     if not cfg.data:
         raise UserError("--data is required: a UTF-8 text file to score")
     if cfg.context < 2:
@@ -251,8 +241,8 @@ def _check(cfg: HFEvalConfig) -> None:
     for name in ("batch_size", "repeats"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     entry = kernel_entry(cfg.attention)
     if cfg.ensemble and "sample" not in entry.cls.modes:
         raise UserError(

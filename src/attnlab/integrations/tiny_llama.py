@@ -7,6 +7,7 @@ trained on a text file so that its perplexity means something, saved with a byte
     attnlab hf-eval --model runs/tiny-llama --data runs/tiny-llama/heldout.txt --attention hyper ...
 
 It trains on the first 90% of the file and writes the last 10% to OUT/heldout.txt for evaluation.
+`write_gguf` writes such a model as a GGUF file (llama.cpp's layout), to exercise GGUF loading offline.
 `--minutes` caps the training time (the defaults take about 10 minutes on one CPU core); `--steps 0`
 saves the random initialisation.
 """
@@ -97,6 +98,73 @@ def make_tiny_llama(data: str | Path, out: str | Path, *, layers: int = 4, hidde
             "params": sum(p.numel() for p in model.parameters())}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def write_gguf(model, path: str | Path, *, merges: tuple[str, ...] = ("t h", "th e")) -> Path:
+    """Write a byte-level Llama (as `make_tiny_llama` builds) into a float32 GGUF file, the layout llama.cpp's
+    converter writes: tensors under GGUF names, q/k rows permuted to llama.cpp's rotary order, a byte-level
+    BPE vocabulary (the 256 bytes, then one token per merge) in the metadata. For tests and demos of GGUF
+    loading; transformers reads it back with `from_pretrained(dir, gguf_file=name)`."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    spelled = bytes_to_unicode()
+    tokens = [spelled[b] for b in range(256)] + ["".join(m.split(" ")) for m in merges]
+    if cfg.vocab_size != len(tokens):
+        raise UserError(f"write_gguf: the model has {cfg.vocab_size} tokens, the byte vocabulary {len(tokens)}")
+
+    def permute(w, heads):  # HF's rotate-half rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py)
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("attnlab tiny llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(cfg.hidden_size // n_head)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(list(merges))  # merges of printable ASCII are spelled as they are
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for key, value in sd.items():
+        if key == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            w.add_tensor("output.weight", value)
+            continue
+        rest = key.removeprefix("model.")
+        if rest in names:
+            w.add_tensor(names[rest], value)
+            continue
+        _, layer, sub = rest.split(".", 2)
+        part = sub.removesuffix(".weight")
+        if part == "self_attn.q_proj":
+            value = permute(value, n_head)
+        elif part == "self_attn.k_proj":
+            value = permute(value, n_kv)
+        w.add_tensor(f"blk.{layer}.{per_layer[part]}.weight", np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,7 @@ _BUILTINS = ("attnlab.experiments.compare", "attnlab.experiments.induction", "at
              "attnlab.experiments.ssa", "attnlab.experiments.longctx", "attnlab.experiments.translate",
              "attnlab.experiments.parallel", "attnlab.experiments.forecast", "attnlab.experiments.pathways",
              "attnlab.experiments.deploy", "attnlab.experiments.vit_prescore", "attnlab.experiments.vit_ssa",
+             "attnlab.experiments.adapt",
              "attnlab.bench.attention", "attnlab.bench.kv_shift",
              "attnlab.bench.prescore", "attnlab.bench.ssa_speed", "attnlab.bench.hf_sweep",
              "attnlab.bench.quantize")

@@ -23,8 +23,10 @@ approximates. Fewer queries than keys (a KV cache) are the newest positions: the
 non-causal rectangle; a decoding step (at most `block_size` queries) is exact.
 
 Grouped-query attention: keys are hashed, sorted and scored once per kv head; the query heads sharing them
-are stacked into the same blocks. Masks: a key-padding mask sorts masked keys last and masks them; a general
-mask is gathered for exactly the (query, key) pairs that are computed.
+are stacked into the same blocks. Masks: a key-padding mask ([B, 1, 1, Nk]) runs each sequence on its real
+keys alone (`hyper.padding`), so real tokens' outputs do not depend on the padding's content or amount; a
+per-head key mask sorts masked keys last and masks them; a general mask is gathered for exactly the
+(query, key) pairs that are computed.
 
 Exact pieces run through SDPA kernels that return the log-sum-exp (`hyper.lse.attention_lse`); when gradients are
 needed they run as plain differentiable math instead, so the kernel trains too (slowly). Without gradients,
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -44,7 +47,7 @@ from ...errors import UserError
 from ..masks import combine
 from ..merge import merge, merge_
 from ..registry import Capabilities, Kernel, make_config, register_kernel
-from . import lsh
+from . import lsh, padding
 from .lse import attention_lse, lse_dtype, mask_bias
 from .prescore import METHODS, key_scores
 
@@ -135,6 +138,11 @@ def hyper_attention(q, k, v, cfg: HyperConfig, *, causal=False, mask=None, scale
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
         mask = mask.to(torch.bool)
+        key_valid = padding.key_padding(mask, nk)
+        if key_valid is not None:
+            # Each sequence on its own real keys: padding never shapes the blocks, scores or draws (`padding`).
+            return padding.per_sequence(partial(hyper_attention, cfg=cfg), q, k, v, key_valid, causal=causal,
+                                        scale=scale)
     gen = None
     if cfg.seed is not None:
         gen = torch.Generator(device=q.device).manual_seed(cfg.seed)
@@ -293,8 +301,9 @@ def _rect(q, k, v, mask, ctx):
             full = mask.expand(b, hq, nq, nk)
 
     proj = lsh.projections(d, cfg.lsh_bits, generator=ctx.gen, device=dev)
-    q_rank = lsh.bucket_ranks(q, proj)
-    k_rank = lsh.bucket_ranks(k, proj)
+    # Hashes and scores only choose keys: no gradient flows through them, so none is recorded.
+    q_rank = lsh.bucket_ranks(q.detach(), proj)
+    k_rank = lsh.bucket_ranks(k.detach(), proj)
     if key_valid is not None:
         k_rank = k_rank.masked_fill(~key_valid, 2**cfg.lsh_bits)  # masked keys sort last: blocks stay full
     q_perm = lsh.sort_by_bucket(q_rank)  # [B, Hq, Nq]: sorted position -> original index
@@ -340,7 +349,7 @@ def _rect(q, k, v, mask, ctx):
     picks = []
     n_sel = 0
     if cfg.prescore != "none":
-        scores = key_scores(k, cfg.prescore, clusters=cfg.n_clusters, iters=cfg.n_iters, fit_size=cfg.fit_size,
+        scores = key_scores(k.detach(), cfg.prescore, clusters=cfg.n_clusters, iters=cfg.n_iters, fit_size=cfg.fit_size,
                             kmedian_l1=cfg.kmedian_distance == "l1", generator=ctx.gen).float()
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid, float("-inf"))
