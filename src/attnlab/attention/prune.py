@@ -132,7 +132,7 @@ def _chunk(q, k, v, cfg, m, scale, row):
     return torch.matmul(p, v), lse
 
 
-@register_kernel("prune", PruneConfig, Capabilities(),
+@register_kernel("prune", PruneConfig, Capabilities(analysis=True),
                  "analysis, dense cost: exact scores, keeps the top-k / top-p / random connections per query "
                  "and renormalises")
 class PrunedAttention(Kernel):

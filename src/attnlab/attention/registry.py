@@ -37,6 +37,8 @@ class Capabilities:
     """can decode: fewer queries than keys, keys from a cache"""
     stochastic: bool = False
     """output depends on a random draw"""
+    analysis: bool = False
+    """a tool to study attention at dense cost (it computes every score), not a mechanism to train with"""
 
 
 class Kernel(nn.Module):

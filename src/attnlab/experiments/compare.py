@@ -38,7 +38,7 @@ class CompareConfig(ExperimentConfig):
     })
     """options per mechanism or transform, chosen so that approximate mechanisms approximate at this length"""
     mechanisms: list[str] = field(default_factory=list)
-    """kernels to run; empty: every registered one"""
+    """kernels to run; empty: every registered causal one that is not an analysis tool"""
     transforms: bool = True
     """also run every kernel with every registered key/value transform"""
 
@@ -54,7 +54,8 @@ def base(cfg: CompareConfig) -> RunConfig:
 
 def variants(cfg: CompareConfig) -> dict[str, AttentionSpec]:
     """Every kernel alone, then every kernel with every transform: transforms compose with any kernel."""
-    names = cfg.mechanisms or sorted(n for n, e in kernels().items() if e.caps.causal)  # an LM task
+    # An LM task wants causal kernels; analysis kernels (dense cost, for studying a trained model) are left out.
+    names = cfg.mechanisms or sorted(n for n, e in kernels().items() if e.caps.causal and not e.caps.analysis)
     tfs = ["none"] + (sorted(transforms()) if cfg.transforms else [])
     return {(n if t == "none" else f"{n}+{t}"): AttentionSpec(name=n, options=dict(cfg.options.get(n, {})), transform=t,
                                                               transform_options=dict(cfg.options.get(t, {})))
