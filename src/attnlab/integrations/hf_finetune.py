@@ -11,12 +11,11 @@ rest. The result is saved with `save_pretrained` (safetensors; LoRA adapters mer
 the tokenizer, with the kernels unpatched and the transforms taken out first, so plain transformers loads it:
 when the attention was changed, that model is the fine-tuned weights under the model's own attention;
 `load_finetuned` (or `attnlab hf-eval` with the same --attention) restores what it was trained with, from
-`attnlab.json` and, for a transform, `attnlab_transform.safetensors`.
+`attnlab.json` and, for a transform, `attnlab_transform.safetensors` (`hf_saved`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,10 +28,10 @@ from torch import nn
 from ..attention.registry import kernel_entry, select_layers
 from ..errors import UserError, require_file
 from ..training.device import resolve_device
-from .hf import attention_modules, patch_info, patch_model, unpatch_model
+from .hf import attention_modules, patch_model
 from .hf_load import DTYPES, load_pretrained
-from .hf_transform import (SAVED_INFO, TRANSFORM_FILE, add_transform, apply_saved, load_transform_state,
-                           remove_transform, transform_info, transform_state)
+from .hf_saved import load_finetuned, save_finetuned  # noqa: F401  (load_finetuned: part of this module's API)
+from .hf_transform import add_transform
 from .resources import PeakMemory
 
 
@@ -299,50 +298,6 @@ def heldout_windows(ids: torch.Tensor, context: int, windows: int) -> torch.Tens
                         "--val_fraction, lower --eval_context, or set --eval_windows 0")
     n = min(have, windows) if windows else have
     return ids[: n * context].view(n, context)
-
-
-def save_finetuned(model: nn.Module, tokenizer, out: Path, record: dict) -> None:
-    """save_pretrained (safetensors) with the model's own attention in the config, so that plain transformers
-    loads it; the attnlab patch and any transform weights go beside it (attnlab.json, a safetensors file)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    pinfo, tinfo, tstate = patch_info(model), transform_info(model), transform_state(model)
-    remove_transform(model)
-    unpatch_model(model)
-    try:
-        model.save_pretrained(out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-    finally:  # the caller keeps the model as it was
-        if tinfo:
-            add_transform(model, tinfo["name"], tinfo["options"], tinfo["layers"])
-            load_transform_state(model, tstate)
-        if pinfo:
-            patch_model(model, pinfo.config.attention, pinfo.config.options, pinfo.layers, decode=pinfo.config.decode)
-    if tstate:
-        save_file(tstate, str(out / TRANSFORM_FILE))
-    saved = {
-        "attention": pinfo.config.attention if pinfo else "none",
-        "options": dict(pinfo.config.options) if pinfo else {},
-        "layers": pinfo.layers if pinfo else [],
-        "transform": tinfo["name"] if tinfo else None,
-        "transform_options": tinfo["options"] if tinfo else {},
-        "transform_layers": tinfo["layers"] if tinfo else [],
-    }
-    (out / SAVED_INFO).write_text(json.dumps(saved, indent=2) + "\n")
-    (out / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def load_finetuned(path: str | Path, *, dtype: str = "float32", device: torch.device | str = "cpu",
-                   attention: bool = True):
-    """(tokenizer, model, attnlab.json) of a saved fine-tune, with its transform and (when `attention`) its
-    patched kernel restored."""
-    tok, model = load_pretrained(path, dtype=dtype, device=device)
-    info = apply_saved(model, Path(path))
-    if attention and info.get("attention", "none") != "none":
-        patch_model(model, info["attention"], info.get("options", {}), info.get("layers", "all"))
-    return tok, model, info
 
 
 def format_summary(r: dict) -> str:
