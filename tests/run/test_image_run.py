@@ -134,3 +134,15 @@ def test_a_language_model_refuses_the_test_split(tmp_path, capsys):
                  "--train.progress", "false", "--data.eval_batches", "1"]) == 0
     capsys.readouterr()
     _fails(capsys, ["eval", "--ckpt", str(run), "--split", "test"], "no test split")
+
+
+def test_the_fashion_mnist_recipe_loads_and_names_no_data_path():
+    from pathlib import Path
+
+    from attnlab.config import from_dict, load_yaml
+    from attnlab.run.image import ImageRunConfig
+
+    raw = load_yaml(Path(__file__).parents[2] / "configs" / "vit_fashion_mnist.yaml")
+    cfg = from_dict(ImageRunConfig, raw)
+    assert cfg.task == "image" and cfg.data.path == "" and not cfg.out.startswith("/")
+    assert cfg.model.patch_size == 7 and cfg.train.steps * cfg.train.batch_size > 54000  # more than an epoch
