@@ -31,8 +31,8 @@ def test_quick_adapt_measures_every_variant_against_plain_fine_tuning(tmp_path, 
     assert set(rows) == {"hyper", "hyper+leverage", "hyper +kv_shift"}
     # E0 is the pretrained model's own held-out perplexity, recomputed here independently.
     _, model = load_pretrained(tmp_path / "model")
-    _, val = token_split(byte_level_tokenizer(), tmp_path / "text.txt", 0.1, 64)
-    held = heldout_windows(val, 128, 1)
+    _, val = token_split(byte_level_tokenizer(), tmp_path / "text.txt", 0.1, 128)
+    held = heldout_windows(val, 256, 1)
     e0 = heldout_nll(model, held)["perplexity"]
     patch_model(model, "hyper", {"min_seq_len": 32, "block_size": 16, "sample_size": 16, "lsh_bits": 3,
                                  "top_k": 8, "prescore": "none"}, "last:1")
@@ -47,6 +47,10 @@ def test_quick_adapt_measures_every_variant_against_plain_fine_tuning(tmp_path, 
     assert rows["hyper"]["P0"] == pytest.approx(p0, rel=1e-6)
     assert rows["hyper +kv_shift"]["P0"] == rows["hyper"]["P0"]
     assert rows["hyper +kv_shift"]["Pm"] != rows["hyper"]["Pm"]
+    # The mechanism was really in place while training: the first step's loss differs from plain fine-tuning's.
+    trains = {t["variant"]: t for t in summary["train"]}
+    for label in rows:
+        assert trains[label]["loss_first"] != pytest.approx(trains["plain (no mechanism)"]["loss_first"], rel=1e-6)
     assert "| variant |" in (out / "report.md").read_text() and (out / "recovered.png").stat().st_size > 0
 
 
@@ -54,7 +58,12 @@ def test_options_that_leave_hyper_exact_in_training_are_refused(tmp_path, capsys
     (tmp_path / "t.txt").write_text(TEXT)
     assert main(["run", "adapt", "--out", str(tmp_path / "o"), "--model", str(tmp_path), "--data",
                  str(tmp_path / "t.txt"), "--train_context", "128", "--hyper", '{"min_seq_len": 4096}']) == 2
-    assert "hyper is exact at --train_context 128" in capsys.readouterr().err
+    assert "is exact at --train_context 128" in capsys.readouterr().err
+    # Block, sample and pre-scored keys covering the largest rectangle (256 keys) make it exact too.
+    assert main(["run", "adapt", "--out", str(tmp_path / "o2"), "--model", str(tmp_path), "--data",
+                 str(tmp_path / "t.txt"), "--train_context", "512", "--prescores", '["kmeans"]', "--hyper",
+                 '{"min_seq_len": 128, "block_size": 64, "sample_size": 128, "top_k": 64}']) == 2
+    assert "a query of the largest 256-key rectangle sees 256 keys" in capsys.readouterr().err
 
 
 def test_layer_tails_reproduce_full_patched_passes(tmp_path):

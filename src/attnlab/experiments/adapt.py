@@ -57,7 +57,8 @@ class AdaptConfig(ExperimentConfig):
     """where the mechanism goes"""
     hyper: dict = field(default_factory=lambda: {"min_seq_len": 128, "block_size": 64, "sample_size": 64,
                                                  "top_k": 64})
-    """hyper options shared by every variant (active at both contexts: min_seq_len < train_context)"""
+    """hyper options shared by every variant; they must approximate at --train_context (block + sample + top_k
+    below half of it), which is checked"""
     prescores: list[str] = field(default_factory=lambda: ["none", "kmeans", "leverage"])
     """pre-scoring methods (none: plain hyper)"""
     kv_shift: list[str] = field(default_factory=lambda: ["none"])
@@ -66,9 +67,9 @@ class AdaptConfig(ExperimentConfig):
     """tokens per held-out window"""
     eval_windows: int = 2
     """held-out windows"""
-    train_context: int = 256
+    train_context: int = 512
     """tokens per training window"""
-    batch_size: int = 2
+    batch_size: int = 1
     """training windows per step"""
     steps: int = 20
     """LoRA steps per fine-tune"""
@@ -92,7 +93,7 @@ def _sized(cfg: AdaptConfig) -> AdaptConfig:
     if not cfg.quick:
         return cfg
     return dataclasses.replace(cfg, hyper=dict(QUICK_HYPER), prescores=cfg.prescores[:2], kv_shift=cfg.kv_shift[:1],
-                               eval_context=min(cfg.eval_context, 128), eval_windows=1, train_context=64, steps=2,
+                               eval_context=min(cfg.eval_context, 256), eval_windows=1, train_context=128, steps=2,
                                batch_size=2)
 
 
@@ -124,10 +125,8 @@ def adapt(cfg: AdaptConfig, ctx) -> dict:
     if not (cfg.model or cfg.gguf_file) or not cfg.data:
         raise UserError("adapt needs --model (a transformers folder or .gguf file) and --data (a text corpus)")
     vs = variants(cfg)
-    HyperConfig(**{**cfg.hyper, "prescore": "none"})  # refuse bad options before anything is loaded
-    if min(HyperConfig(**cfg.hyper).min_seq_len, HyperConfig(**cfg.hyper).block_size) >= cfg.train_context:
-        raise UserError(f"hyper is exact at --train_context {cfg.train_context} with these options: lower "
-                        "min_seq_len and block_size below it, or fine-tuning never meets the approximation")
+    for label, opts, _ in vs:
+        _check_active(label, HyperConfig(**opts), cfg.train_context)
     tok, model = load_pretrained(cfg.model or None, cfg.gguf_file, device=ctx.device)
     train_ids, val_ids = token_split(tok, Path(cfg.data), 0.0 if cfg.eval_data else cfg.val_fraction,
                                      cfg.train_context)
@@ -206,6 +205,17 @@ def adapt(cfg: AdaptConfig, ctx) -> dict:
     best = max(rows, key=lambda r: r["beyond"]) if rows else None
     return {"rows": rows, "train": trains, "best_beyond": best and {"variant": best["variant"],
                                                                      "beyond": best["beyond"]}}
+
+
+def _check_active(label: str, h, context: int) -> None:
+    """Refuse options under which hyper is exact at the training context: the causal recursion's largest
+    rectangle has context/2 keys, and a query there sees its block, the pre-scored keys and the sample."""
+    keys = context // 2
+    seen = h.block_size + h.sample_size + (h.top_k if h.prescore != "none" else 0)
+    if context <= h.min_seq_len or keys <= h.block_size or seen >= keys:
+        raise UserError(f"{label} is exact at --train_context {context} (min_seq_len {h.min_seq_len}; a query of "
+                        f"the largest {keys}-key rectangle sees {min(seen, keys)} keys): fine-tuning would never meet "
+                        "the approximation; raise --train_context or lower min_seq_len, block_size, sample_size, top_k")
 
 
 def _train_row(stats: dict) -> dict:
