@@ -61,3 +61,8 @@ def test_data_limited_ssa_compares_every_variant_at_its_best(tmp_path, monkeypat
     for row in summary["table"]:
         runs = [r["best_val_loss"] for r in summary["runs"] if r["variant"] == row["variant"]]
         assert math.isclose(row["best_val_mean"], sum(runs) / 2, rel_tol=1e-9)
+    # The control: dense gets the same fine-tune, and every variant is also compared against it.
+    assert labels[:2] == ["dense", "dense+ft"]
+    dense_ft = summary["table"][1]["best_val_mean"]
+    for row in summary["table"]:
+        assert math.isclose(row["vs_dense_ft_rel"], (row["best_val_mean"] - dense_ft) / dense_ft, rel_tol=1e-9)
