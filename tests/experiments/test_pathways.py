@@ -36,12 +36,16 @@ def test_quick_pathways_writes_curves_for_both_models_and_tasks(tmp_path, monkey
             full.setdefault((task, trained), set()).add(round(float(loss), 5))
     assert all(len(v) == 1 for v in full.values())
     assert (out / "text_loss.png").is_file() and (out / "induction_accuracy.png").is_file()
+    # The induction models carry the KV shift by default (vanilla attention needs two layers to learn the task).
+    record = json.loads(next((out / "runs" / "induction-dense").rglob("config.json")).read_text())
+    assert record["run"]["model"]["attention"]["transform"] == "kv_shift"
 
 
 def test_bad_options_are_one_line(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("abc" * 100)
-    for extra in (["--methods", "[top]"], ["--fractions", "[0]"]):
+    for extra in (["--methods", "[top]"], ["--fractions", "[0]"], ["--induction_transform", "shift"],
+                  ["--induction_layers", "0"]):
         assert main(["run", "pathways", "--out", str(tmp_path / "o"), "--data", str(text), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0

@@ -57,7 +57,12 @@ class PathwaysConfig(ExperimentConfig):
     eval_batches: int = 8
     """validation windows: eval_batches × batch_size × seq_len tokens"""
     induction: bool = True
-    """also train 2-layer dense and SSA models on the induction task and prune them"""
+    """also train dense and SSA models on the induction task and prune them"""
+    induction_layers: int = 1
+    """layers of the induction models"""
+    induction_transform: str = "kv_shift"
+    """k/v transform of the induction models: kv_shift learns the task in one layer; none (vanilla attention)
+    needs two layers and did not learn it in 8000 steps here, which leaves nothing to prune"""
     induction_vocab: int = 64
     """vocabulary of the induction task"""
     induction_seq_len: int = 128
@@ -73,10 +78,12 @@ def text_base(cfg: PathwaysConfig, data: DataConfig) -> RunConfig:
 
 
 def induction_base(cfg: PathwaysConfig) -> RunConfig:
-    return lm_run(vocab_size=cfg.induction_vocab, n_layer=2, n_head=cfg.n_head, d_model=cfg.d_model,
-                  seq_len=cfg.induction_seq_len, batch_size=cfg.batch_size, steps=cfg.induction_steps, lr=1e-3,
-                  warmup_steps=cfg.warmup_steps, eval_every=max(50, cfg.induction_steps // 5), seed=cfg.seed,
-                  data=DataConfig(source="induction", eval_batches=cfg.eval_batches))
+    run = lm_run(vocab_size=cfg.induction_vocab, n_layer=cfg.induction_layers, n_head=cfg.n_head,
+                 d_model=cfg.d_model, seq_len=cfg.induction_seq_len, batch_size=cfg.batch_size,
+                 steps=cfg.induction_steps, lr=1e-3, warmup_steps=cfg.warmup_steps,
+                 eval_every=max(50, cfg.induction_steps // 5), seed=cfg.seed,
+                 data=DataConfig(source="induction", eval_batches=cfg.eval_batches))
+    return with_attention(run, transform=cfg.induction_transform)
 
 
 def ssa_variant(run: RunConfig, cfg: PathwaysConfig) -> RunConfig:
@@ -120,6 +127,11 @@ def _check(cfg: PathwaysConfig) -> None:
         raise UserError("sampling must be local or unbiased and factor at least 1")
     if cfg.tolerance < 0:
         raise UserError("tolerance must be >= 0")
+    from ..attention.registry import transforms
+
+    if cfg.induction_layers < 1 or cfg.induction_transform not in {"none", *transforms()}:
+        raise UserError(f"induction_layers must be >= 1 and induction_transform one of none, "
+                        f"{', '.join(transforms())}")
 
 
 @experiment("pathways", PathwaysConfig, "pathway pruning: loss and induction accuracy against the kept fraction "
@@ -204,8 +216,9 @@ def _write(cfg, ctx, rows, train_rows, fractions) -> dict:
     r.h("Pathway pruning", 1)
     r.p(f"Text models: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads, context {cfg.seq_len}, "
         f"{cfg.steps} steps on {cfg.data} (bytes); SSA-trained: S={cfg.factor}, {cfg.sampling} sampling. "
-        + (f"Induction models: 2 layers, vocab {cfg.induction_vocab}, length {cfg.induction_seq_len}, "
-           f"{cfg.induction_steps} steps. " if cfg.induction else "")
+        + (f"Induction models: {cfg.induction_layers} layer(s), k/v transform {cfg.induction_transform}, vocab "
+           f"{cfg.induction_vocab}, length {cfg.induction_seq_len}, {cfg.induction_steps} steps. "
+           if cfg.induction else "")
         + f"Device {ctx.device}{', quick run' if cfg.quick else ''}. The `prune` kernel computes every score "
         "(dense cost) and keeps, per query, the ceil(keep · visible) highest-scoring keys (topk), that many random "
         "keys (random, the control) or the nucleus of mass keep (topp), then renormalises. Every model, the "
