@@ -10,6 +10,8 @@ and the smallest fraction at which each model stays within `tolerance` of its fu
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 
 from ..attention.swap import swapped_attention
@@ -206,10 +208,13 @@ def _write(cfg, ctx, rows, train_rows, fractions) -> dict:
                                    ylabel=label, title=f"Pathway pruning: {task_name}", logx=True))
 
     robust = {}
+    # A model that never left the uniform guess (loss near ln vocab) has no pathways to prune: no comparison.
+    chance = {"text": math.log(256), "induction": math.log(cfg.induction_vocab)}
     for task_name in ("text", "induction"):
         d = next((r for r in summary_rows if r["task"] == task_name and r["trained"] == "dense"), None)
         s = next((r for r in summary_rows if r["task"] == task_name and r["trained"] == "ssa"), None)
-        if d and s and "topk" in cfg.methods and d["min_keep_topk"] and s["min_keep_topk"]:
+        learned = d and s and max(d["full_loss"], s["full_loss"]) < 0.9 * chance[task_name]
+        if learned and "topk" in cfg.methods and d["min_keep_topk"] and s["min_keep_topk"]:
             robust[f"{task_name}_ssa_needs_fewer_connections"] = s["min_keep_topk"] < d["min_keep_topk"]
 
     r = ctx.report
