@@ -37,6 +37,11 @@ def _bench(out, *source, root):
                  str(CONTEXT), "--windows", str(WINDOWS), "--gen_tokens", str(GEN), "--rounds", "1"])
 
 
+def _rows(out):
+    with open(out / "quantize.csv") as f:
+        return {r["variant"]: r for r in csv.DictReader(f)}
+
+
 def _heldout_ppl(model, ids):
     """Perplexity of the last 10% of TEXT's ids, cut into windows the way the bench cuts it, in float64."""
     ids = torch.tensor(ids)
@@ -50,7 +55,7 @@ def _heldout_ppl(model, ids):
 def test_the_int8_path_on_a_saved_llama_against_fp32(saved, tmp_path):
     root, model = saved
     assert _bench(tmp_path / "q", "--model", str(root / "dir"), root=root) == 0
-    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "q" / "quantize.csv"))}
+    rows = _rows(tmp_path / "q")
     assert list(rows) == ["fp32", "dynamic-fbgemm", "dynamic-int_mm", "weight-only"]
     fp32 = rows["fp32"]
     assert float(fp32["ppl"]) == pytest.approx(_heldout_ppl(model, list(TEXT.encode())), rel=1e-5)
@@ -61,12 +66,13 @@ def test_the_int8_path_on_a_saved_llama_against_fp32(saved, tmp_path):
         if r["variant"] != "fp32":  # int8 weights with one fp32 scale per row of 32, fp32 norms
             assert 0 < float(r["size_ratio"]) < 0.4
     assert "int8 against fp32 on a pretrained model" in (tmp_path / "q" / "report.md").read_text()
+    assert not list((tmp_path / "q").glob("weights_*"))  # the weights written to be measured are gone
 
 
 def test_a_gguf_file_measures_the_same_model(saved, tmp_path):
     root, model = saved
     assert _bench(tmp_path / "g", "--gguf_file", str(root / "tiny.gguf"), root=root) == 0
-    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "g" / "quantize.csv"))}
+    rows = _rows(tmp_path / "g")
     tok = AutoTokenizer.from_pretrained(root, gguf_file="tiny.gguf")  # bytes plus the file's two merges
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     assert float(rows["fp32"]["ppl"]) == pytest.approx(_heldout_ppl(model, ids), rel=1e-4)

@@ -60,9 +60,11 @@ def variants(fp32) -> tuple[dict, dict]:
 
 
 def weight_bytes(name: str, model, folder: Path) -> int:
-    path = folder / f"{name}.safetensors"
-    save_safetensors(_state_for_safetensors(model) if name == "fp32" else quantized_state(model), path)
-    return path.stat().st_size
+    """Size of the model's weights written as safetensors; the file is deleted (a pretrained model's are large)."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix="weights_") as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        save_safetensors(_state_for_safetensors(model) if name == "fp32" else quantized_state(model), path)
+        return path.stat().st_size
 
 
 def pretrained_bench(cfg, ctx) -> dict:
@@ -106,12 +108,11 @@ def pretrained_bench(cfg, ctx) -> dict:
         t_eval = interleaved({k: fwd(m) for k, m in models.items()}, cfg.rounds, cpu, warmup=0, alternate=True)
         print("  eval timed", flush=True)
         t_gen = interleaved({k: gen(k, m) for k, m in models.items()}, cfg.rounds, cpu, warmup=1, alternate=True)
-    folder = Path(tempfile.mkdtemp(dir=ctx.out, prefix="weights_"))
     ref_new = outs["fp32"][0, prompt.shape[1]:]
     for name, m in models.items():
         new = outs[name][0, prompt.shape[1]:]
         rows[name].update({"params": sum(t.numel() for t in _state_for_safetensors(m).values()),
-                           "bytes": weight_bytes(name, m, folder),
+                           "bytes": weight_bytes(name, m, ctx.out),
                            "eval_tok_s": windows.numel() / statistics.median(t_eval[name]),
                            "gen_tok_s": len(new) / statistics.median(t_gen[name]),
                            "gen_agree": int((new == ref_new).long().cumprod(0).sum())})
@@ -126,7 +127,9 @@ def pretrained_bench(cfg, ctx) -> dict:
               f"perplexity {r['ppl']:.3f} ({r['ppl_change']:+.2%}), greedy agrees for {r['gen_agree']}/"
               f"{len(ref_new)}", flush=True)
     rows = list(rows.values())
-    notes = [f"{len(kept)} Linear/Embedding module(s) kept in float: {kept}." if kept else
+    notes = [("dynamic-fbgemm quantises each call's activations with one scale, dynamic-int_mm each token's with "
+              "its own; weight-only dequantises the weights on every call."),
+             f"{len(kept)} Linear/Embedding module(s) kept in float: {kept}." if kept else
              "Every Linear and Embedding is int8."]
     if gguf:
         notes.append(f"The GGUF file itself is {source.stat().st_size / 2**20:.1f} MiB; its weights are "
