@@ -68,7 +68,7 @@ def test_every_mechanism_quantises_and_keeps_its_loss(name, transform):
     with torch.no_grad():
         ref_logits = model(idx)
     manifest = quantize_model(model, "dynamic")
-    assert len(manifest["linears"]) == 2 * 6 and manifest["tied_head"]
+    assert len(manifest["linears"]) == 2 * 6 and manifest["tied"] == {"head": "embed"}
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert abs(_loss(model, idx) - fp32) / fp32 < 0.01
     if name == "exact":
@@ -141,3 +141,13 @@ def test_quantize_refuses_a_missing_run_and_an_occupied_out(run, tmp_path, capsy
     _err(capsys)
     assert main(["quantize", "--ckpt", str(run), "--scheme", "int4"]) == 2
     _err(capsys)
+
+
+def test_a_manifest_from_before_ties_were_found_by_weight_still_loads():
+    model = _lm("exact")
+    manifest = quantize_model(model, "dynamic")
+    old = {k: v for k, v in manifest.items() if k not in ("tied", "kept")} | {"tied_head": True}
+    again = load_quantized(LM(model.cfg).eval(), quantized_state(model), old)
+    idx = torch.randint(0, 61, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx), again(idx))

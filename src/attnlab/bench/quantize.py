@@ -7,7 +7,8 @@ tensors); dynamic int8 through torch._int_mm (plain torch, no quantized ops: the
 torch.ao); weight-only int8 (dequantised per call); and torchao's int8 configs when torchao is installed.
 All variants are copies of one model, timed in interleaved rounds so that load from other processes falls on
 all alike. Without --ckpt the model is random and scored on random tokens: the loss then only shows that
-int8 changes it little; give a trained run for a real validation loss.
+int8 changes it little; give a trained run for a real validation loss. With --model / --gguf_file the same
+int8 path runs on a pretrained transformers model instead (`bench/quantize_pretrained.py`).
 """
 
 from __future__ import annotations
@@ -57,12 +58,28 @@ class QuantizeBenchConfig(ExperimentConfig):
     """validation batches for the loss"""
     threads: int = 1
     """torch CPU threads"""
+    model: str = ""
+    """a pretrained transformers causal LM to quantise instead: a local checkpoint folder, or the folder of
+    --gguf_file (needs --data; fp32 against dynamic and weight-only int8)"""
+    gguf_file: str = ""
+    """a GGUF file holding the pretrained model (a path, or a file name inside --model)"""
+    data: str = ""
+    """text file for a pretrained model: its last 10% gives the perplexity and the eval timing"""
+    windows: int = 2
+    """held-out windows of --context tokens for a pretrained model's perplexity and eval timing"""
 
     def __post_init__(self):
         for name in ("d_model", "layers", "heads", "vocab", "context", "batch", "gen_tokens", "rounds",
-                     "eval_batches", "threads"):
+                     "eval_batches", "threads", "windows"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.model or self.gguf_file:
+            from .quantize_pretrained import check_source
+
+            check_source(self)
+        elif self.data:
+            raise UserError("--data is for a pretrained model (--model or --gguf_file); an attnlab run (--ckpt) "
+                            "brings its own validation text")
 
 
 def _model_and_task(cfg: QuantizeBenchConfig):
@@ -133,6 +150,10 @@ def _size(name, model, folder: Path) -> int:
 def quantize_bench(cfg: QuantizeBenchConfig, ctx) -> dict:
     """fp32 against the int8 routes on CPU: size, eval and generate tokens/s, validation loss"""
     torch.set_num_threads(cfg.threads)
+    if cfg.model or cfg.gguf_file:
+        from .quantize_pretrained import pretrained_bench
+
+        return pretrained_bench(cfg, ctx)
     fp32, task = _model_and_task(cfg)
     if fp32.cfg.max_seq_len < cfg.context and not cfg.ckpt:
         raise UserError("context is longer than the model's max_seq_len")

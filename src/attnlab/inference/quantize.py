@@ -12,6 +12,13 @@ Routes of the dynamic scheme, chosen at run time (`route="auto"`):
            survives the removal of torch.ao / torch.ops.quantized that PyTorch has announced.
   dequant  what is left everywhere else (CUDA, or no int8 matmul): weight-only arithmetic.
 The saved format does not depend on the route: a checkpoint loads on any of them.
+
+The model can be any torch module: an attnlab LM or a transformers causal LM alike. Which modules are swapped
+is decided by their type, never by their names: every nn.Linear and nn.Embedding except those `kept_reason`
+names (a subclass with its own forward, which the swap would lose; nn.MultiheadAttention's out_proj, whose
+weight its owner reads directly; an embedding with max_norm, whose lookups renormalise rows in place). A Linear
+that shares its weight with a swapped embedding (tied input and output embeddings) becomes a head reading the
+embedding's int8 table, so the table is stored once.
 """
 
 from __future__ import annotations
@@ -127,17 +134,18 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table as int8 rows with fp32 scales; a lookup dequantises the rows it reads."""
+    """An embedding table as int8 rows with fp32 scales; a lookup dequantises the rows it reads into the dtype
+    of the table it replaces (a bfloat16 model keeps bfloat16 hidden states)."""
 
-    def __init__(self, num: int, dim: int):
+    def __init__(self, num: int, dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num, dim
+        self.num_embeddings, self.embedding_dim, self.out_dtype = num, dim, dtype
         self.register_buffer("qweight", torch.zeros(num, dim, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(num))
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
-        m = cls(emb.num_embeddings, emb.embedding_dim)
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
         q, s = quantize_rows(emb.weight)
         m.qweight.copy_(q)
         m.scale.copy_(s)
@@ -149,7 +157,7 @@ class Int8Embedding(nn.Module):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, idx):
-        return F.embedding(idx, self.qweight).float() * self.scale[idx, None]
+        return (F.embedding(idx, self.qweight).float() * self.scale[idx, None]).to(self.out_dtype)
 
 
 class TiedInt8Head(nn.Module):
@@ -157,9 +165,15 @@ class TiedInt8Head(nn.Module):
 
     def __init__(self, embed: Int8Embedding, scheme: str, route: str = "auto"):
         super().__init__()
+        self.in_features, self.out_features = embed.embedding_dim, embed.num_embeddings
         # Lists keep both out of this module's state_dict and .to(): the embedding owns the table.
         self._embed = [embed]
         self._lin = [Int8Linear(embed.embedding_dim, embed.num_embeddings, False, scheme=scheme, route=route)]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised table (for code that reads the output embedding's .weight)."""
+        return self._embed[0].weight
 
     def forward(self, x):
         e, lin = self._embed[0], self._lin[0]
@@ -167,34 +181,71 @@ class TiedInt8Head(nn.Module):
         return lin(x)
 
 
+def kept_reason(module: nn.Module) -> str | None:
+    """Why this Linear or Embedding must stay in float (None: it is quantised). Decided by type, so that any
+    model (attnlab's or transformers') is treated alike."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} has its own forward, which an int8 module would not run"
+    if isinstance(module, _OWNER_READS_WEIGHT):
+        return "nn.MultiheadAttention reads this projection's weight directly instead of calling it"
+    if base is nn.Embedding and module.max_norm is not None:
+        return "an embedding with max_norm renormalises the rows it looks up, in place"
+    return None
+
+
+# torch's own dynamic quantisation skips this class for the same reason (its owner reads .weight).
+_OWNER_READS_WEIGHT = tuple(c for c in (getattr(nn.modules.linear, "NonDynamicallyQuantizableLinear", None),) if c)
+
 
 def quantize_model(model: nn.Module, scheme: str = "dynamic", route: str = "auto") -> dict:
-    """Swap, in place, every nn.Linear for an Int8Linear and the LM's embedding for an Int8Embedding (its tied
-    head reading the same table). Returns the manifest that `load_quantized` rebuilds the model from."""
+    """Swap, in place, every nn.Linear for an Int8Linear and every nn.Embedding for an Int8Embedding, except
+    the modules `kept_reason` keeps in float; a Linear tied to a swapped embedding reads its int8 table.
+    Returns the manifest that `load_quantized` rebuilds the model from (it lists the kept modules and why)."""
     if scheme not in SCHEMES:
         raise UserError(f"unknown quantisation scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
-    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False)) and isinstance(
-        getattr(model, "embed", None), nn.Embedding) and model.head.weight is model.embed.weight
-    embeddings = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not (tied and name == "head")]
-    _swap(model, embeddings, linears, tied, scheme, route, convert=True)
-    return {"scheme": scheme, "linears": linears, "embeddings": embeddings, "tied_head": tied}
+    kept, embeddings, linears = {}, {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            why = kept_reason(m)
+            if why:
+                kept[name] = why
+            else:
+                (linears if isinstance(m, nn.Linear) else embeddings)[name] = m
+    by_weight = {id(e.weight): name for name, e in embeddings.items()}
+    # A head with a bias of its own is quantised on its own: the tied head has no place for the bias.
+    tied = {name: by_weight[id(m.weight)] for name, m in linears.items()
+            if id(m.weight) in by_weight and m.bias is None}
+    plain = [name for name in linears if name not in tied]
+    _swap(model, list(embeddings), plain, tied, scheme, route, convert=True)
+    return {"scheme": scheme, "linears": plain, "embeddings": list(embeddings), "tied": tied, "kept": kept}
 
 
-def _swap(model, embeddings, linears, tied, scheme, route, *, convert: bool) -> None:
+def _swap(model, embeddings, linears, tied: dict[str, str], scheme, route, *, convert: bool) -> None:
     for name in embeddings:
         old = model.get_submodule(name)
-        new = Int8Embedding.from_embedding(old) if convert else Int8Embedding(old.num_embeddings, old.embedding_dim)
+        if convert:
+            new = Int8Embedding.from_embedding(old)
+        else:
+            new = Int8Embedding(old.num_embeddings, old.embedding_dim, old.weight.dtype).to(old.weight.device)
         model.set_submodule(name, new)
     for name in linears:
         old = model.get_submodule(name)
         if convert:
             new = Int8Linear.from_linear(old, scheme, route)
         else:
-            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, scheme=scheme, route=route)
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, scheme=scheme,
+                             route=route).to(old.weight.device)
         model.set_submodule(name, new)
-    if tied:
-        model.head = TiedInt8Head(model.embed, scheme, route)
+    for head, embed in tied.items():
+        model.set_submodule(head, TiedInt8Head(model.get_submodule(embed), scheme, route))
+
+
+def _ties(manifest: dict) -> dict[str, str]:
+    if "tied" in manifest:
+        return dict(manifest["tied"])
+    # manifests written before ties were found by weight sharing: an attnlab LM's head tied to its embed
+    return {"head": "embed"} if manifest.get("tied_head") else {}
 
 
 def is_quantized(record: dict) -> bool:
@@ -207,9 +258,9 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], manifest:
     if scheme not in SCHEMES:
         raise UserError(f"checkpoint's quantisation scheme {scheme!r} is unknown; known: {', '.join(SCHEMES)}")
     try:
-        _swap(model, manifest.get("embeddings", []), manifest.get("linears", []), bool(manifest.get("tied_head")),
+        _swap(model, manifest.get("embeddings", []), manifest.get("linears", []), _ties(manifest),
               scheme, route, convert=False)
-    except AttributeError as e:
+    except (AttributeError, TypeError) as e:
         raise UserError(f"quantised checkpoint does not match its model config: {e}") from None
     want = model.state_dict()
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
