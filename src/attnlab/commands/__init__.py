@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("attnlab.commands.finetune",
                  "fine-tune a local transformers or GGUF causal LM with attnlab attention patched in (full or LoRA)"),
     "average-checkpoints": ("attnlab.commands.average", "average the weights of a run's last checkpoints into one"),
-    "distill": ("attnlab.commands.distill", "train a student LM against a teacher run's distribution (KL at T + CE)"),
+    "distill": ("attnlab.commands.distill", "train a student LM against a teacher (attnlab run or transformers LM): KL at T + CE"),
     "quantize": ("attnlab.commands.quantize", "int8 copy of a language-model run for CPU inference (dynamic or weight-only)"),
     "list": ("attnlab.commands.list", "attention mechanisms, key/value transforms, experiments and benchmarks"),
 }

@@ -1,4 +1,6 @@
-"""Tokenizers behind one small interface: bytes (default), characters, byte-level BPE.
+"""Tokenizers behind one small interface: bytes (default), characters, byte-level BPE, and a pretrained
+model's tokenizer (`hf`: a transformers fast tokenizer's `tokenizer.json`, as a student distilled from a
+transformers teacher takes it).
 
 Each tokenizer saves itself into a directory (`tokenizer_meta.json`, plus `tokenizer.json` for BPE) so a
 checkpoint directory can carry the tokenizer its model was trained with; `load_tokenizer` reads it back.
@@ -209,11 +211,55 @@ class BPETokenizer(Tokenizer):
         return d
 
 
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's tokenizer (the `tokenizers` object behind a transformers fast tokenizer), without
+    the special tokens its post-processor would add. `vocab_size` is the model's output width: larger than the
+    tokenizer where the model pads its output layer, smaller where transformers added special tokens the model
+    has no row for (then a text that spells one out is refused)."""
+
+    kind = "hf"
+
+    def __init__(self, hf_tokenizer, vocab_size: int | None = None):
+        base = hf_tokenizer.get_vocab_size(with_added_tokens=False)
+        self._own = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and vocab_size < base:
+            raise UserError(f"a model with {vocab_size} output tokens cannot use a tokenizer of {base} tokens")
+        self._tok, self._size = hf_tokenizer, vocab_size or self._own
+        self._name = f"hf-{self._size}-{_digest(hf_tokenizer.to_str())}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self._own > self._size and ids and max(ids) >= self._size:
+            bad = next(i for i in ids if i >= self._size)
+            raise UserError(f"the text spells out the special token {self._tok.id_to_token(bad)!r} (id {bad}), "
+                            f"which the model's {self._size} output tokens do not include")
+        return ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory) -> Path:
+        d = super().save(directory)
+        self._tok.save(str(d / HF_FILE))
+        return d
+
+
 def build_tokenizer(kind: Literal["byte", "char", "bpe"], text: str | None = None,
                     vocab_size: int = 1024) -> Tokenizer:
     """A ready tokenizer; `char` and `bpe` are trained on `text`, `byte` ignores it."""
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        raise UserError("the hf tokenizer is a pretrained model's: it comes with a run distilled from a "
+                        "transformers teacher (attnlab distill --teacher_hf), kept in its run folder")
     if kind not in ("char", "bpe"):
         raise UserError(f"unknown tokenizer kind {kind!r}; choose one of byte, char, bpe")
     if not text:
@@ -221,6 +267,12 @@ def build_tokenizer(kind: Literal["byte", "char", "bpe"], text: str | None = Non
     if kind == "char":
         return CharTokenizer.train(text)
     return BPETokenizer.train(text, vocab_size)
+
+
+def _int(value, where) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"unreadable tokenizer file {where}: vocab_size must be a positive integer")
+    return value
 
 
 def load_tokenizer(directory) -> Tokenizer:
@@ -240,13 +292,14 @@ def load_tokenizer(directory) -> Tokenizer:
         if not isinstance(meta.get("chars"), str):
             raise UserError(f"unreadable tokenizer file {meta_path}: no character list")
         tok = CharTokenizer(meta["chars"])
-    elif kind == "bpe":
+    elif kind in ("bpe", "hf"):
         from tokenizers import Tokenizer as HFTokenizer
 
         hf_path = d / HF_FILE
         if not hf_path.is_file():
             raise UserError(f"tokenizer not found: {hf_path}")
-        tok = BPETokenizer(HFTokenizer.from_file(str(hf_path)))
+        hf = HFTokenizer.from_file(str(hf_path))
+        tok = BPETokenizer(hf) if kind == "bpe" else PretrainedTokenizer(hf, _int(meta.get("vocab_size"), meta_path))
     else:
         raise UserError(f"unknown tokenizer kind {kind!r} in {meta_path}")
     if meta.get("name") not in (None, tok.name):

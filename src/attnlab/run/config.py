@@ -20,8 +20,9 @@ class DataConfig:
     """text: a text file or folder (`path`); induction / mqar: a synthetic recall task generated on the fly"""
     path: str = ""
     """a text file, or a folder whose files are read in sorted order (source text)"""
-    tokenizer: Literal["byte", "char", "bpe"] = "byte"
-    """byte: 256 byte values; char: the characters of the corpus; bpe: byte-level BPE trained on the corpus"""
+    tokenizer: Literal["byte", "char", "bpe", "hf"] = "byte"
+    """byte: 256 byte values; char: the characters of the corpus; bpe: byte-level BPE trained on the corpus;
+    hf: a pretrained model's (set by `attnlab distill` from a transformers teacher, kept in RUN/tokenizer)"""
     bpe_vocab_size: int = 1024
     """vocabulary size of a trained BPE tokenizer"""
     val_fraction: float = 0.1
