@@ -195,11 +195,6 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
         ax.legend(fontsize=7)
 
     ppl_plot = figure(ctx.out / "perplexity.png", bars)
-    curve = None
-    if res is not None:
-        curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
-                                                                     [e["val_loss"] for e in res.evals])},
-                          xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
 
     r = ctx.report
     r.h("HyperAttention with key pre-scoring in a long-context byte LM", 1)
@@ -239,7 +234,10 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
     r.table(errors, ["source", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
                      "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad", "lse_err_padded_rows_masked",
                      "lse_err_padded_rows_zero_pad"])
-    if curve is not None:
+    if res is not None:
+        curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
+                                                                     [e["val_loss"] for e in res.evals])},
+                          xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
         r.image(curve, "training curve")
         r.p(f"The trained model is in {ctx.out / 'train'}: `attnlab bench attention --checkpoint {ctx.out / 'train'} "
             f"--text {cfg.data}` measures the other mechanisms on its q/k/v, and `attnlab run longctx --checkpoint "
