@@ -44,14 +44,9 @@ def xt_loss(model, x, y):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=65)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=5)
+    defaults = dict(layers=4, d_model=128, heads=4, context=64, batch=12, vocab=65, steps=60, warmup=5)
+    for name, default in defaults.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--json", default="")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -60,22 +55,17 @@ def main():
     params = {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in models.items()}
     times = {k: [] for k in models}
     for i in range(a.warmup + a.steps):
-        x = torch.randint(0, a.vocab, (a.batch, a.context))
-        y = torch.randint(0, a.vocab, (a.batch, a.context))
-        order = list(models) if i % 2 == 0 else list(reversed(models))
-        for k in order:
+        x, y = (torch.randint(0, a.vocab, (a.batch, a.context)) for _ in range(2))
+        for k in list(models) if i % 2 == 0 else list(reversed(models)):
             model, loss_fn = models[k]
             t0 = time.perf_counter()
-            loss = loss_fn(model, x, y)
-            loss.backward()
+            loss_fn(model, x, y).backward()
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            if i >= a.warmup:
-                times[k].append(dt)
-    tok = a.batch * a.context
-    res = {k: {"params": params[k], "median_step_ms": 1000 * statistics.median(v),
-               "tokens_per_s": tok / statistics.median(v)} for k, v in times.items()}
+            times[k].append(time.perf_counter() - t0)
+    median = {k: statistics.median(v[a.warmup:]) for k, v in times.items()}  # the warm-up steps left out
+    res = {k: {"params": params[k], "median_step_ms": 1000 * m, "tokens_per_s": a.batch * a.context / m}
+           for k, m in median.items()}
     ratio = res["attnlab"]["tokens_per_s"] / res["x-transformers"]["tokens_per_s"]
     out = {"config": vars(a), "threads": torch.get_num_threads(), "results": res, "ratio_attnlab_over_xt": ratio}
     print(json.dumps(out, indent=2))

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dispatch(build_parser(argv).parse_args(argv), argv)
         return 0
-    except UserError as e:
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as e:
         print(f"attnlab: error: {_flatten(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -92,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from jsonargparse import ArgumentError
 
-        if isinstance(e, ArgumentError):
-            print(f"attnlab: error: {_flatten(str(e))} (see attnlab --help)", file=sys.stderr)
-            return 2
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError)):
-            print(f"attnlab: error: {_flatten(str(e))}", file=sys.stderr)
-            return 2
-        raise
+        if not isinstance(e, ArgumentError):
+            raise
+        print(f"attnlab: error: {_flatten(str(e))} (see attnlab --help)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,50 +39,38 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return Path(path)
 
 
-def _pyplot():
+def figure(path: Path, draw, *, size=(7.5, 4.2)) -> Path:
+    """A PNG drawn by `draw(fig, plt)`, for plots that are not line plots (bars, panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def line_plot(path: Path, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str = "",
-              logx: bool = False, logy: bool = False, dashed: dict[str, tuple[list, list]] | None = None) -> Path:
-    """One PNG with a line per series: {label: (xs, ys)}; `dashed` series are drawn dashed (fits,
-    extrapolations)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
-    for label, (xs, ys) in (dashed or {}).items():
-        ax.plot(xs, ys, linestyle="--", label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def figure(path: Path, draw, *, size=(7.5, 4.2)) -> Path:
-    """A PNG drawn by `draw(fig, plt)`, for plots that are not line plots (bars, panels)."""
-    plt = _pyplot()
     fig = plt.figure(figsize=size)
     draw(fig, plt)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def line_plot(path: Path, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str = "",
+              logx: bool = False, logy: bool = False, dashed: dict[str, tuple[list, list]] | None = None) -> Path:
+    """One PNG with a line per series: {label: (xs, ys)}; `dashed` series are drawn dashed (fits,
+    extrapolations)."""
+
+    def draw(fig, plt):
+        ax = fig.add_subplot()
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
+        for label, (xs, ys) in (dashed or {}).items():
+            ax.plot(xs, ys, linestyle="--", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xscale="log" if logx else "linear",
+               yscale="log" if logy else "linear")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    return figure(path, draw, size=(6.4, 4.2))
 
 
 class Report:

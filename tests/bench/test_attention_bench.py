@@ -6,9 +6,9 @@ import torch
 
 from attnlab.attention import exact_attention, kernels
 from attnlab.run.experiment import run_experiment
-from attnlab.bench.attention import (BenchConfig, _predict, capture_qkv, fit_n2, logit_offset_stats,
-                                    offset_qkv, shift_keys, variants)
-from attnlab.bench.variants import check_variant_labels
+from attnlab.bench.attention import _predict, fit_n2
+from attnlab.bench.errors import capture_qkv, logit_offset_stats, offset_qkv, shift_keys
+from attnlab.bench.variants import BenchConfig, check_variant_labels, variants
 from attnlab.errors import UserError
 from attnlab.models.lm import LM, LMConfig
 
@@ -83,7 +83,7 @@ def test_captured_qkv_are_what_the_kernel_sees():
 def test_error_study_reads_q_k_v_from_a_saved_checkpoint(tmp_path):
     from dataclasses import asdict
 
-    from attnlab.bench.attention import captured_from_checkpoint, error_rows
+    from attnlab.bench.errors import captured_from_checkpoint, error_rows
     from attnlab.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)

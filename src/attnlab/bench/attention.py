@@ -22,13 +22,12 @@ import torch
 from ..errors import UserError
 from ..report import figure
 from ..run.experiment import experiment
-from .errors import capture_qkv, captured_from_checkpoint, error_rows, logit_offset_stats, offset_qkv, shift_keys
+from .errors import error_rows
 from .measure import clock, sync
 from .memory import peak_memory
 from .variants import (
     REFERENCE,
     BenchConfig,
-    Variant,
     build_variant,
     check_variant_labels,
     describe,
@@ -37,9 +36,6 @@ from .variants import (
     supports,
     variants,
 )
-
-__all__ = ["BenchConfig", "Variant", "bench_attention", "capture_qkv", "captured_from_checkpoint", "error_rows",
-           "fit_n2", "gaussian_qkv", "logit_offset_stats", "offset_qkv", "shift_keys", "speed_rows", "variants"]
 
 
 def _timed(fn, repeats, device, clock_kind="wall"):
@@ -169,10 +165,7 @@ def _plot(path, rows: list[dict], key: str, ylabel: str):
                         ax.plot(*zip(*([meas[-1]] + extr)), linestyle="--", color=line.get_color(),
                                 label=f"{lab} (fitted n², extrapolated)")
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length n")
-            ax.set_ylabel(ylabel)
-            ax.set_title(mode)
+            ax.set(yscale="log", xlabel="sequence length n", ylabel=ylabel, title=mode)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
 

@@ -98,11 +98,6 @@ def captured_from_checkpoint(cfg: BenchConfig, device):
     return q, k, v, causal, f"{cfg.checkpoint} layer {cfg.capture_layer}, {n} tokens of {Path(path).name}"
 
 
-def _paired(vs: list[Variant]) -> set[str]:
-    """Labels of the paired designs and of the mechanisms they pair with."""
-    return {v.label for v in vs if v.pair} | {v.base for v in vs if v.pair}
-
-
 def default_sources(cfg: BenchConfig, device, dtype, designs: set[str]) -> list:
     """Gaussian at cfg.error_lengths, the key-offset sweep at the first of them (paired designs only), and
     q/k/v captured from cfg.checkpoint when given."""
@@ -126,7 +121,7 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
     """Error at equal sizes on `sources` [(label, (q, k, v)) or (label, (q, k, v), variant labels to run)];
     default: `default_sources`."""
     vs = [v for v in variants(cfg, "error") if v.name != REFERENCE]
-    designs = _paired(vs)
+    designs = {v.label for v in vs if v.pair} | {v.base for v in vs if v.pair}  # paired designs, their mechanisms
     if sources is None:
         sources = default_sources(cfg, device, dtype, designs)
     rows = []
@@ -160,8 +155,7 @@ def error_rows(cfg: BenchConfig, device, dtype, log=print, sources: list | None 
                         rows_, base_d, var_d = var.pair
                         keys = (f"{rows_}_share", f"rel_err_{rows_}_{base_d}", f"rel_err_{rows_}_{var_d}",
                                 f"lse_err_{rows_}_{base_d}", f"lse_err_{rows_}_{var_d}")
-                        for i, key in enumerate(keys):
-                            row[key] = sum(p[i] for p in paired) / len(paired)
+                        row.update(zip(keys, (sum(column) / len(paired) for column in zip(*paired))))
                         msg += (f"; {rows_}: rel err {base_d} {row[keys[1]]:.4g} / {var_d} {row[keys[2]]:.4g}, "
                                 f"|lse err| {base_d} {row[keys[3]]:.4g} / {var_d} {row[keys[4]]:.4g}")
                     rows.append(row)

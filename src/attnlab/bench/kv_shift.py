@@ -96,9 +96,10 @@ def kv_shift_overhead(cfg: KVShiftOverheadConfig, ctx) -> dict:
     clock(cfg.clock, ctx.device)  # refuses a clock the device cannot have before anything is built
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    print(f"device {ctx.device}, autocast {ctx.amp}, torch threads {torch.get_num_threads()}; {cfg.layers} layers, "
-          f"d {cfg.d_model}, {cfg.heads} heads, {cfg.tokens} tokens/step, window {cfg.window}, {cfg.rounds} "
-          f"alternating rounds, clock {cfg.clock}, {'freed memory kept' if cfg.keep_freed_memory else 'default allocator'}")
+    setup = (f"{cfg.layers} layers, d {cfg.d_model}, {cfg.heads} heads, window {cfg.window}, {cfg.tokens} tokens per "
+             f"step, on {ctx.device} ({torch.get_num_threads()} threads), {cfg.rounds} alternating rounds after "
+             f"{cfg.warmup} warm-up; {'freed memory kept' if cfg.keep_freed_memory else 'default allocator'}")
+    print(f"{setup}; autocast {ctx.amp}, clock {cfg.clock}")
     rows = []
     for c in cfg.contexts:
         rows.append(measure(c, cfg, ctx.device, ctx.amp))
@@ -106,10 +107,8 @@ def kv_shift_overhead(cfg: KVShiftOverheadConfig, ctx) -> dict:
     ctx.report.csv("overhead.csv", rows)
     r = ctx.report
     r.h("KV-shift training-step overhead", 1)
-    r.p(f"{cfg.layers} layers, d {cfg.d_model}, {cfg.heads} heads, window {cfg.window}, {cfg.tokens} tokens per step, "
-        f"on {ctx.device} ({torch.get_num_threads()} threads), {cfg.rounds} alternating rounds after {cfg.warmup} "
-        f"warm-up; {'freed memory kept' if cfg.keep_freed_memory else 'default allocator'}. Ratios are KV-shift over "
-        "vanilla; paired_ratio is the median of per-round ratios; page faults per step are counted on CPU only.")
+    r.p(f"{setup}. Ratios are KV-shift over vanilla; paired_ratio is the median of per-round ratios; page faults per "
+        "step are counted on CPU only.")
     r.table(rows, fmt="{:.3f}")
     r.save()
     return {"rows": rows}

@@ -90,9 +90,7 @@ def prescore_overhead(cfg: PrescoreOverheadConfig, ctx) -> dict:
             results.append({"n": n, "mode": mode, "rows": rows})
             print(f"{mode} n={n}: plain hyper {rows['hyper']['min_s']:.3f} s (min of {cfg.rounds})")
             for name, r in rows.items():
-                table.append({"n": n, "mode": mode, "variant": name, "min_s": r["min_s"],
-                              "overhead_median_of_ratios": r.get("overhead_median_of_ratios"),
-                              "overhead_of_minima": r.get("overhead_of_minima")})
+                table.append({"n": n, "mode": mode, "variant": name, **{k: v for k, v in r.items() if k != "times_s"}})
                 if name != "hyper":
                     print(f"  {name:15s} {r['min_s']:.3f} s  overhead {r['overhead_median_of_ratios']:+.1%} "
                           f"(median of per-round ratios), {r['overhead_of_minima']:+.1%} (ratio of minima)")

@@ -18,12 +18,13 @@ Sizes left at 0 take a default for the device found (CUDA / CPU).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..attention import build_kernel
-from ..models.lm import LM, LMConfig
+from ..attention import AttentionSpec, build_kernel
+from ..models.lm import LMConfig
+from ..run.build import build_model
 from ..run.experiment import ExperimentConfig, experiment
 from ..training.device import autocast
 from ..training.trainer import OptimConfig, make_optimizer
@@ -95,19 +96,11 @@ def attention_case(kind, n, cfg: SSASpeedConfig, device, dtype):
     return step
 
 
-def median_seconds(steps: dict, device, repeats) -> dict:
-    """Median seconds of each closure, the closures taking turns within every repeat."""
-    return {label: statistics.median(ts) for label, ts in interleaved(steps, repeats, device).items()}
-
-
-def train_step_case(spec, n, cfg: SSASpeedConfig, device, amp):
+def train_step_case(spec: AttentionSpec, n, cfg: SSASpeedConfig, device, amp):
     """A closure running one optimizer step of a byte-level LM at context n."""
-    name, opts = spec
-    torch.manual_seed(cfg.seed)
     mcfg = LMConfig(vocab_size=256, n_layer=cfg.layers, n_head=cfg.heads, d_model=cfg.heads * cfg.head_dim,
-                    max_seq_len=n)
-    mcfg.attention.name, mcfg.attention.options = name, dict(opts)
-    model = LM(mcfg).to(device).train()
+                    max_seq_len=n, attention=spec)
+    model = build_model(mcfg, cfg.seed).to(device).train()
     opt = make_optimizer(model, OptimConfig())
     x = torch.randint(0, 256, (cfg.step_batch, n + 1), device=device)
 
@@ -121,21 +114,6 @@ def train_step_case(spec, n, cfg: SSASpeedConfig, device, amp):
     return step
 
 
-def _defaults(cfg: SSASpeedConfig, cuda: bool) -> SSASpeedConfig:
-    import dataclasses
-
-    pick = {"batch": (4, 1), "heads": (8, 4), "repeats": (10, 3), "step_batch": (8, 1), "naive_max_n": (8192, 4096)}
-    cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v[0 if cuda else 1] for k, v in pick.items()})
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, ns=[256, 512], factors=[2, 4], step_ns=[256, 512], repeats=1, layers=2)
-    return cfg
-
-
-def _empty_cache(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def attention_rows(cfg: SSASpeedConfig, device, dtype) -> list[dict]:
     kinds = ["exact", "naive"] + [f"ssa:{s}:{f}" for s in cfg.samplings for f in cfg.factors]
     rows = []
@@ -143,14 +121,14 @@ def attention_rows(cfg: SSASpeedConfig, device, dtype) -> list[dict]:
         steps = {kind: attention_case(kind, n, cfg, device, dtype) for kind in kinds
                  if kind != "naive" or n <= cfg.naive_max_n}
         try:
-            secs = median_seconds(steps, device, cfg.repeats)
+            secs = {kind: statistics.median(ts) for kind, ts in interleaved(steps, cfg.repeats, device).items()}
             peaks = {kind: peak_memory(step, device)[1] for kind, step in steps.items()}
         except torch.OutOfMemoryError:
             print(f"n={n}: out of memory", flush=True)
             continue
         finally:
             del steps
-            _empty_cache(device)
+            torch.cuda.empty_cache()  # a no-op unless CUDA is in use
         for kind, sec in secs.items():
             peak = peaks[kind]
             row = {"n": n, "kind": kind, "ms": sec * 1e3, "peak_MB": peak / 2**20,
@@ -164,23 +142,21 @@ def attention_rows(cfg: SSASpeedConfig, device, dtype) -> list[dict]:
 
 
 def step_rows(cfg: SSASpeedConfig, device, amp) -> list[dict]:
-    specs = {"dense": ("exact", {}), "ssa-unbiased-S4": ("ssa", {"factor": 4}),
-             "ssa-unbiased-S8": ("ssa", {"factor": 8}), "ssa-local-S4": ("ssa", {"factor": 4, "sampling": "local"})}
+    specs = {"dense": AttentionSpec(), "ssa-unbiased-S4": AttentionSpec("ssa", {"factor": 4}),
+             "ssa-unbiased-S8": AttentionSpec("ssa", {"factor": 8}),
+             "ssa-local-S4": AttentionSpec("ssa", {"factor": 4, "sampling": "local"})}
     rows = []
     for n in cfg.step_ns:
         steps = {label: train_step_case(spec, n, cfg, device, amp) for label, spec in specs.items()}
-        secs = median_seconds(steps, device, max(cfg.repeats, 2))
-        for label, step in steps.items():
-            _, peak = peak_memory(step, device)
-            sec, dense = secs[label], secs["dense"]
+        secs = {label: statistics.median(ts) for label, ts in interleaved(steps, max(cfg.repeats, 2), device).items()}
+        peaks = {label: peak_memory(step, device)[1] for label, step in steps.items()}
+        for label, sec in secs.items():
+            peak, dense = peaks[label], secs["dense"]
             rows.append({"n": n, "model": label, "step_ms": sec * 1e3, "speedup_vs_dense": dense / sec,
-                         "peak_MB": peak / 2**20})
+                         "peak_MB": peak / 2**20, "mem_vs_dense": peak / peaks["dense"]})
             print(f"step n={n:5d} {label:16s} {sec * 1e3:9.1f} ms  x{dense / sec:.2f}  {peak / 2**20:.0f} MB", flush=True)
         del steps
-        _empty_cache(device)
-    for r in rows:
-        d = next(x for x in rows if x["n"] == r["n"] and x["model"] == "dense")
-        r["mem_vs_dense"] = r["peak_MB"] / d["peak_MB"]
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -189,7 +165,10 @@ def ssa_speed(cfg: SSASpeedConfig, ctx) -> dict:
     """SSA time and memory against exact and naive attention, and training steps against dense, side by side"""
     device, amp = ctx.device, ctx.amp
     cuda = device.type == "cuda"
-    cfg = _defaults(cfg, cuda)
+    pick = {"batch": (4, 1), "heads": (8, 4), "repeats": (10, 3), "step_batch": (8, 1), "naive_max_n": (8192, 4096)}
+    cfg = replace(cfg, **{k: getattr(cfg, k) or v[0 if cuda else 1] for k, v in pick.items()})
+    if cfg.quick:
+        cfg = replace(cfg, ns=[256, 512], factors=[2, 4], step_ns=[256, 512], repeats=1, layers=2)
     dtype = amp or torch.float32
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": cfg.batch, "heads": cfg.heads,

@@ -34,8 +34,5 @@ def main(_: Config) -> None:
 
 
 def _options(cls) -> str:
-    fields = dataclasses.fields(cls)
-    if not fields:
-        return "none"
     return ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
-                     for f in fields)
+                     for f in dataclasses.fields(cls)) or "none"

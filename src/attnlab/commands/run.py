@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-KIND = "experiment"
-
-
 def registered(kind: str) -> dict[str, tuple[type, str]]:
     from ..run.experiment import entries as registry
 
@@ -12,7 +9,7 @@ def registered(kind: str) -> dict[str, tuple[type, str]]:
 
 
 def entries() -> dict[str, tuple[type, str]]:
-    return registered(KIND)
+    return registered("experiment")
 
 
 def main(name: str, cfg) -> dict:

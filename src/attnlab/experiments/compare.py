@@ -78,7 +78,7 @@ def run(cfg: CompareConfig, ctx) -> dict:
         curves[label] = ([e["step"] for e in res.evals], [e["accuracy"] for e in res.evals])
     table = markdown_table(rows)
     print(table)
-    ctx.write_csv("compare.csv", rows)
+    ctx.report.csv("compare.csv", rows)
     plot = line_plot(ctx.out / "accuracy.png", curves, xlabel="step", ylabel="induction accuracy",
                      title="Induction accuracy by attention mechanism")
     r = ctx.report

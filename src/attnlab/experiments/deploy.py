@@ -168,8 +168,8 @@ def run(cfg: DeployConfig, ctx) -> dict:
                            "distilled": statistics.fmean(by["distilled"].values()),
                            "distilled_minus_scratch": d_mean, "std": d_std,
                            "distilled_wins": sum(by["distilled"][s] < by["scratch"][s] for s in cfg.seeds)})
-    ctx.write_csv("students.csv", runs)
-    ctx.write_csv("stages.csv", stages)
+    ctx.report.csv("students.csv", runs)
+    ctx.report.csv("stages.csv", stages)
     _plot(ctx.out / "stages.png", stages)
     r = ctx.report
     r.h("Deployment: distillation and int8", 1)

@@ -247,8 +247,8 @@ def run(cfg: ForecastExperimentConfig, ctx) -> dict:
         rows, search, kept = accuracy(cfg, ctx, source, columns, time_column)
         all_rows, all_search = all_rows + rows, all_search + search
         results[source] = (tables(rows, cfg.models, sorted(cfg.horizons)), kept, search)
-    ctx.write_csv("accuracy.csv", all_rows)
-    ctx.write_csv("lr_search.csv", all_search)
+    ctx.report.csv("accuracy.csv", all_rows)
+    ctx.report.csv("lr_search.csv", all_search)
 
     speed, plan = [], None
     if cfg.speed_lookbacks:
@@ -258,7 +258,7 @@ def run(cfg: ForecastExperimentConfig, ctx) -> dict:
                          rounds=cfg.speed_rounds, seed=cfg.seed, horizon=max(cfg.horizons))
         print(f"== speed: look-backs {plan.lookbacks}", flush=True)
         speed = lookback_speed(plan, ctx.device)
-        ctx.write_csv("speed.csv", speed)
+        ctx.report.csv("speed.csv", speed)
     return _write(cfg, ctx, results, speed, plan)
 
 

@@ -115,8 +115,8 @@ def run(cfg: InductionConfig, ctx) -> dict:
                     coefs[f"{task_name}-{label}"] = shift_coefficients(model)
                 print(f"   steps to {cfg.target_accuracy:.0%}: {reached}; final accuracy {accs[-1]:.4f}", flush=True)
 
-    ctx.write_csv("results.csv", rows)
-    ctx.write_jsonl("curves.jsonl", [{"task": t, "model": m, "step": s, "accuracy": a}
+    ctx.report.csv("results.csv", rows)
+    ctx.report.jsonl("curves.jsonl", [{"task": t, "model": m, "step": s, "accuracy": a}
                                      for t, by in curves.items() for m, (xs, ys) in by.items()
                                      for s, a in zip(xs, ys)])
     claims = _claims(rows, cfg.target_accuracy)
@@ -133,8 +133,7 @@ def run(cfg: InductionConfig, ctx) -> dict:
         if cfg.quick:
             r.p("This is a --quick run (smaller model, fewer steps): the claims are about the full run.")
         r.p("\n".join(f"- {c}" for c in claims))
-    r.p(markdown_table(rows, ["task", "model", "steps_to_target", "final_accuracy", "best_accuracy", "steps",
-                              "params", "wall_s"]))
+    r.table(rows, ["task", "model", "steps_to_target", "final_accuracy", "best_accuracy", "steps", "params", "wall_s"])
     plots = {}
     for task_name, by in curves.items():
         plots[task_name] = line_plot(ctx.out / f"{task_name}_accuracy.png", by, xlabel="step", ylabel="accuracy",

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..bench.measure import mean_std
-from ..errors import UserError, require_file
-from ..report import line_plot, markdown_table
-from ..run.build import corpus_for, tokenizer_for
+from ..errors import UserError
+from ..report import line_plot
 from ..run.config import DataConfig, RunConfig, lm_run, with_attention
 from ..run.experiment import ExperimentConfig, experiment
 from ..run.inspect import shift_coefficients
@@ -89,9 +88,6 @@ def variant_run(base_cfg: RunConfig, variant: str) -> RunConfig:
 
 @experiment("kvshift-lm", KVShiftLMConfig, "KV shifting vs vanilla on a char/byte LM over seeds, with ablations")
 def run(cfg: KVShiftLMConfig, ctx) -> dict:
-    if not cfg.data:
-        raise UserError("kvshift-lm needs --data FILE (a text file or folder)")
-    require_file(cfg.data, "text corpus")
     if cfg.quick:
         cfg = replace(cfg, n_layer=2, d_model=64, seq_len=64, batch_size=8, steps=min(cfg.steps, 60),
                       eval_every=20, eval_batches=2, seeds=cfg.seeds[:2], ablation_seeds=1)
@@ -100,22 +96,19 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
         raise UserError(f"unknown ablation(s) {unknown}; choose from k_only, v_only, window2")
     if not cfg.seeds:
         raise UserError("kvshift-lm needs at least one seed")
-    data = DataConfig(path=cfg.data, tokenizer=cfg.tokenizer, eval_batches=cfg.eval_batches)
-    tok = tokenizer_for(data)
-    corpus = corpus_for(data, tok)
+    data, tok, corpus = ctx.text(cfg.data, tokenizer=cfg.tokenizer, eval_batches=cfg.eval_batches)
     plan = [(v, s) for s in cfg.seeds for v in ("vanilla", "kv_shift")]
     plan += [(v, s) for s in cfg.seeds[: cfg.ablation_seeds] for v in cfg.ablations]
 
     runs, coef_rows = [], []
     for variant, seed in plan:
-        opts = VARIANTS[variant]
         print(f"== {variant} seed {seed}", flush=True)
         model, _, res = ctx.train(variant_run(base(cfg, seed, data, tok.vocab_size), variant), f"{variant}-seed{seed}",
                                   paired=True, corpus=corpus, tokenizer=tok)
         runs.append({"variant": variant, "seed": seed, "val_loss": res.final["val_loss"],
                      "params": model.num_params(non_embedding=False), "step_s": res.step_s,
                      "curve": [(e["step"], e["val_loss"]) for e in res.evals]})
-        if opts is not None:
+        if variant != "vanilla":
             coef_rows += [{"variant": variant, "seed": seed, **r} for r in shift_coefficients(model)]
         print(f"   val_loss {res.final['val_loss']:.4f}", flush=True)
 
@@ -133,8 +126,8 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
                       "wins": sum(r["val_loss"] < vanilla[r["seed"]] for r in mine) if variant != "vanilla" else "",
                       "mean": mean, "std": std, "delta_mean": dmean, "delta_std": dstd})
 
-    ctx.write_csv("runs.csv", [{k: v for k, v in r.items() if k != "curve"} for r in runs])
-    ctx.write_csv("coefficients.csv", coef_rows)
+    ctx.report.csv("runs.csv", [{k: v for k, v in r.items() if k != "curve"} for r in runs])
+    ctx.report.csv("coefficients.csv", coef_rows)
     curves = {}
     for variant in ["vanilla", "kv_shift", *cfg.ablations]:
         mine = [r["curve"] for r in runs if r["variant"] == variant]
@@ -148,7 +141,6 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
     per_layer = [{"layer": layer, **table4_counts([r for r in main_coefs if r["layer"] == layer])}
                  for layer in range(cfg.n_layer)]
 
-    cols = ["variant", "seeds", "val_loss", "vs_vanilla", "wins", "params"]
     r = ctx.report
     r.h("KV shifting on a language model", 1)
     r.p(f"Corpus {cfg.data} ({cfg.tokenizer} tokenizer, vocabulary {tok.vocab_size}); {cfg.n_layer} layers, "
@@ -158,14 +150,13 @@ def run(cfg: KVShiftLMConfig, ctx) -> dict:
         f"evaluation on {cfg.eval_batches} batches of contiguous validation windows; `vs_vanilla` is the mean ± std "
         "over seeds of the paired difference (same seed: same initial weights and batches); `wins` counts seeds "
         "where the variant beat vanilla.")
-    r.p(markdown_table(table, cols))
+    r.table(table, ["variant", "seeds", "val_loss", "vs_vanilla", "wins", "params"])
     r.image(plot, "validation loss")
     r.h("Learned shift weights (KV-shift, all seeds)", 2)
     r.p("Heads counted as the paper's Table 4 does (α1/β1 weigh the token's own key/value, α2/β2 the previous "
         "token's); every KV head of every layer and seed counts once. Raw values: coefficients.csv.")
-    r.p(markdown_table([{"": "all layers", **counts}] + [{"": f"layer {p['layer']}", **{k: v for k, v in p.items()
-                                                                                      if k != "layer"}}
-                                                         for p in per_layer]))
+    r.table([{"": "all layers", **counts}] + [{"": f"layer {p['layer']}", **p} for p in per_layer],
+            ["", *counts])
     r.save()
     return {"results": {t["variant"]: {k: t[k] for k in ("seeds", "mean", "std", "delta_mean", "delta_std", "wins",
                                                            "params")} for t in table},

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..attention.swap import swapped_attention
-from ..bench.attention import BenchConfig, capture_qkv, error_rows, gaussian_qkv
+from ..bench.errors import capture_qkv, error_rows
+from ..bench.variants import BenchConfig, gaussian_qkv
 from ..bench.measure import paired_difference
-from ..errors import UserError, require_file
+from ..errors import UserError
 from ..inference.ensemble import evaluate_lm
 from ..report import figure, line_plot
-from ..run.build import corpus_for, tokenizer_for
 from ..run.config import DataConfig, RunConfig, lm_run
 from ..run.experiment import ExperimentConfig, experiment
 
@@ -76,12 +76,6 @@ class LongCtxConfig(ExperimentConfig):
     """evaluate this attnlab byte LM (run or checkpoint folder) instead of training one"""
 
 
-def _quick(cfg: LongCtxConfig) -> LongCtxConfig:
-    return replace(cfg, context=512, n_layer=2, n_head=2, d_model=64, batch_size=4, steps=min(cfg.steps, 60),
-                   warmup_steps=10, eval_every=30, eval_windows=4, error_seeds=2,
-                   hyper={"block_size": 32, "sample_size": 32, "min_seq_len": 64, "lsh_bits": 5})
-
-
 def _evaluate(model, windows, device) -> tuple[dict, list[float]]:
     """e-based perplexity and forward seconds over the windows, and each window's mean loss (for paired
     comparisons: every setting sees the same windows)."""
@@ -96,12 +90,6 @@ def base(cfg: LongCtxConfig) -> RunConfig:
                   eval_every=cfg.eval_every, seed=cfg.seed, data=DataConfig(path=str(cfg.data), eval_batches=2))
 
 
-def _train(cfg: LongCtxConfig, ctx, corpus, tok):
-    print(f"== training: context {cfg.context}, {cfg.steps} steps", flush=True)
-    model, _, res = ctx.train(base(cfg), "train", under="", corpus=corpus, tokenizer=tok, record=True)
-    return model, res
-
-
 def _load(cfg: LongCtxConfig, tok):
     from ..run.load import load_run
 
@@ -112,16 +100,15 @@ def _load(cfg: LongCtxConfig, tok):
     if cfg.context > model.cfg.max_seq_len:
         raise UserError(f"context {cfg.context} is longer than the checkpoint's max_seq_len {model.cfg.max_seq_len}")
     print(f"== evaluating {ckpt} (no training)", flush=True)
-    return model, None
+    return model
 
 
 @experiment("longctx", LongCtxConfig, "HyperAttention (+ key pre-scoring) swapped into a long-context byte LM")
 def run(cfg: LongCtxConfig, ctx) -> dict:
-    if not cfg.data:
-        raise UserError("longctx needs --data FILE (a text file or folder)")
-    require_file(cfg.data, "text corpus")
     if cfg.quick:
-        cfg = _quick(cfg)
+        cfg = replace(cfg, context=512, n_layer=2, n_head=2, d_model=64, batch_size=4, steps=min(cfg.steps, 60),
+                      warmup_steps=10, eval_every=30, eval_windows=4, error_seeds=2,
+                      hyper={"block_size": 32, "sample_size": 32, "min_seq_len": 64, "lsh_bits": 5})
     bad = [m for m in cfg.prescore if m not in PRESCORE]
     if bad:
         raise UserError(f"unknown pre-scoring method(s) {bad}; choose from {', '.join(PRESCORE)}")
@@ -133,24 +120,24 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
     settings = [("hyper", {})] + [(f"hyper+{m}", {"prescore": m, "top_k": top_k, "sample_size": budget - top_k})
                                   for m in cfg.prescore]
 
-    tok = tokenizer_for(DataConfig(path=cfg.data))
-    corpus = corpus_for(DataConfig(path=cfg.data), tok)
+    _, tok, corpus = ctx.text(cfg.data)
     windows = list(corpus.eval_windows("val", cfg.context, 1, max_batches=cfg.eval_windows))
     if not windows:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.context} bytes")
 
     # 1. Train with exact attention (or evaluate a model trained before).
     if cfg.checkpoint:
-        model, res = _load(cfg, tok)
+        model, res = _load(cfg, tok), None
     else:
-        model, res = _train(cfg, ctx, corpus, tok)
+        print(f"== training: context {cfg.context}, {cfg.steps} steps", flush=True)
+        model, _, res = ctx.train(base(cfg), "train", under="", corpus=corpus, tokenizer=tok, record=True)
     model.to(ctx.device).eval()
 
     # 2. Perplexity with hyper in chosen layers.
     rows, per = [], {}
-    base, per["exact"] = _evaluate(model, windows, ctx.device)
-    rows.append({"layers": "none", "variant": "exact", **base})
-    print(f"   exact: ppl {base['ppl']:.4f} ({base['forward_s']:.1f} s)", flush=True)
+    exact, per["exact"] = _evaluate(model, windows, ctx.device)
+    rows.append({"layers": "none", "variant": "exact", **exact})
+    print(f"   exact: ppl {exact['ppl']:.4f} ({exact['forward_s']:.1f} s)", flush=True)
     for layers in layer_choices:
         for label, extra in settings:
             torch.manual_seed(cfg.seed + 1)  # the same draws for every variant: differences are the method's
@@ -159,18 +146,18 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
             rows.append({"layers": layers, "variant": label, **m})
             print(f"   {layers} {label}: ppl {m['ppl']:.4f} ({m['forward_s']:.1f} s)", flush=True)
     for r in rows:
-        r["time_vs_exact"] = r["forward_s"] / base["forward_s"]
+        r["time_vs_exact"] = r["forward_s"] / exact["forward_s"]
     gaps = []
     for layers in layer_choices:
         plain = next(r for r in rows if r["layers"] == layers and r["variant"] == "hyper")
-        gap = plain["ppl"] - base["ppl"]
+        gap = plain["ppl"] - exact["ppl"]
         gap_loss, gap_se = paired_difference(per[(layers, "hyper")], per["exact"])
         for r in rows:
             if r["layers"] == layers and r["variant"].startswith("hyper+"):
                 share = (plain["ppl"] - r["ppl"]) / gap if gap > 0 else None
                 gain, gain_se = paired_difference(per[(layers, "hyper")], per[(layers, r["variant"])])
                 r["gap_recovered"] = share
-                gaps.append({"layers": layers, "method": r["variant"][6:], "ppl_exact": base["ppl"],
+                gaps.append({"layers": layers, "method": r["variant"][6:], "ppl_exact": exact["ppl"],
                              "ppl_hyper": plain["ppl"], "ppl_prescored": r["ppl"], "gap_recovered": share,
                              "gap_nats": gap_loss, "gap_nats_se": gap_se, "gain_nats": gain, "gain_nats_se": gain_se})
 
@@ -188,10 +175,10 @@ def run(cfg: LongCtxConfig, ctx) -> dict:
 
 
 def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, top_k, n_err) -> dict:
-    ctx.write_csv("perplexity.csv", rows)
-    ctx.write_csv("errors.csv", errors)
+    ctx.report.csv("perplexity.csv", rows)
+    ctx.report.csv("errors.csv", errors)
     if gaps:
-        ctx.write_csv("gap_recovered.csv", gaps)
+        ctx.report.csv("gap_recovered.csv", gaps)
     base = rows[0]
     labels = [s for s, _ in settings]
     width = 0.8 / len(layer_choices)
@@ -203,17 +190,11 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
             ax.bar([j + i * width for j in range(len(labels))], ys, width, label=f"hyper in {layers}")
         ax.axhline(base["ppl"], color="k", linestyle="--", label=f"exact ({base['ppl']:.3f})")
         ax.set_xticks([j + width * (len(layer_choices) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
-        ax.set_ylim(min(r["ppl"] for r in rows) * 0.98, max(r["ppl"] for r in rows) * 1.01)
-        ax.set_ylabel("validation perplexity (e-based, per byte)")
-        ax.set_title(f"Hyper in chosen layers, context {cfg.context}")
+        ax.set(ylim=(min(r["ppl"] for r in rows) * 0.98, max(r["ppl"] for r in rows) * 1.01),
+               ylabel="validation perplexity (e-based, per byte)", title=f"Hyper in chosen layers, context {cfg.context}")
         ax.legend(fontsize=7)
 
     ppl_plot = figure(ctx.out / "perplexity.png", bars)
-    curve = None
-    if res is not None:
-        curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
-                                                                     [e["val_loss"] for e in res.evals])},
-                          xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
 
     r = ctx.report
     r.h("HyperAttention with key pre-scoring in a long-context byte LM", 1)
@@ -253,15 +234,16 @@ def _write(cfg, ctx, res, rows, gaps, errors, layer_choices, settings, hyper, to
     r.table(errors, ["source", "mode", "variant", "rel_err_mean", "rel_err_std", "padded_rows_share",
                      "rel_err_padded_rows_masked", "rel_err_padded_rows_zero_pad", "lse_err_padded_rows_masked",
                      "lse_err_padded_rows_zero_pad"])
-    if curve is not None:
+    if res is not None:
+        curve = line_plot(ctx.out / "train_val_loss.png", {"exact": ([e["step"] for e in res.evals],
+                                                                     [e["val_loss"] for e in res.evals])},
+                          xlabel="step", ylabel="validation loss (nats/byte)", title="Training (exact attention)")
         r.image(curve, "training curve")
         r.p(f"The trained model is in {ctx.out / 'train'}: `attnlab bench attention --checkpoint {ctx.out / 'train'} "
             f"--text {cfg.data}` measures the other mechanisms on its q/k/v, and `attnlab run longctx --checkpoint "
             f"{ctx.out / 'train'}` evaluates it again without training.")
     r.save()
 
-    summary = {"ppl_exact": base["ppl"], "train_steps": res.steps if res else 0,
-               "final_val_loss": res.final.get("val_loss") if res else None,
-               "perplexity": rows, "gap_recovered": gaps,
-               "errors": errors, "ppl_base": "e"}
-    return summary
+    return {"ppl_exact": base["ppl"], "train_steps": res.steps if res else 0,
+            "final_val_loss": res.final.get("val_loss") if res else None,
+            "perplexity": rows, "gap_recovered": gaps, "errors": errors, "ppl_base": "e"}

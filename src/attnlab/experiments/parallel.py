@@ -14,13 +14,14 @@ reported. A least-squares fit of log(time) on log(n) gives each model's scaling 
 from __future__ import annotations
 
 import math
+import os
 import statistics
-import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
-from ..bench.measure import sync
+from ..bench.measure import interleaved
 from ..models.lm import LM, LMConfig
 from ..models.rnn import LSTMLM, LSTMLMConfig, match_lstm_width
 from ..report import line_plot, markdown_table
@@ -72,39 +73,6 @@ def build_models(cfg: ParallelConfig):
     return {"transformer": lm, "lstm": LSTMLM(lstm_cfg(width))}, width
 
 
-class _Bench:
-    """Timed closures for one model at one length: a training step and a forward pass."""
-
-    def __init__(self, model, n, cfg, device):
-        self.model, self.device = model, device
-        g = torch.Generator().manual_seed(n)
-        b = max(1, cfg.tokens_per_batch // n)
-        self.x = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
-        self.y = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
-        self.x1 = self.x[:1]
-        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train_step(self) -> float:
-        self.model.train()
-        sync(self.device)
-        t0 = time.perf_counter()
-        _, loss = self.model(self.x, self.y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        sync(self.device)
-        return time.perf_counter() - t0
-
-    @torch.no_grad()
-    def forward(self) -> float:
-        self.model.eval()
-        sync(self.device)
-        t0 = time.perf_counter()
-        self.model(self.x1)
-        sync(self.device)
-        return time.perf_counter() - t0
-
-
 def fit_exponent(ns: list[float], ts: list[float]) -> float:
     """Slope of log t against log n (least squares); NaN with fewer than two lengths."""
     if len(set(ns)) < 2:
@@ -146,8 +114,7 @@ def run(cfg: ParallelConfig, ctx) -> dict:
     load_before = _loadavg()
     models, width = build_models(cfg)
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    for m in models.values():
-        m.to(ctx.device)
+    models = {k: m.to(ctx.device) for k, m in models.items()}
     print(f"Transformer {params['transformer']:,} parameters, LSTM (width {width}) {params['lstm']:,}; "
           f"{threads} threads on {ctx.device}")
     rows = []
@@ -159,13 +126,11 @@ def run(cfg: ParallelConfig, ctx) -> dict:
         extra += measure(models, cfg.reference_length, cfg, ctx.device, torch.get_num_threads())
     torch.set_num_threads(default_threads)
     load = {"before": load_before, "after": _loadavg()}
-    ctx.write_csv("parallel.csv", rows + extra)
+    ctx.report.csv("parallel.csv", rows + extra)
     return _summarise(cfg, ctx, rows, extra, params, width, threads, load)
 
 
 def _loadavg():
-    import os
-
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -173,24 +138,31 @@ def _loadavg():
 
 
 def measure(models, n, cfg, device, threads) -> list[dict]:
-    """One row per model at length n: medians over interleaved repetitions."""
-    benches = {k: _Bench(m, n, cfg, device) for k, m in models.items()}
-    times = {k: {"train": [], "fwd": []} for k in models}
-    for b in benches.values():  # warm-up: allocator, one-time kernel selection
-        b.train_step()
-        b.forward()
-    for _ in range(cfg.repeats):
-        for k, b in benches.items():  # alternate, so load changes hit both models alike
-            times[k]["train"].append(b.train_step())
-            # A forward pass of one sequence is short and noisy: take several per repetition.
-            times[k]["fwd"] += [b.forward() for _ in range(3)]
+    """One row per model at length n: medians over repetitions in which the models take turns."""
+    g = torch.Generator().manual_seed(n)
+    b = max(1, cfg.tokens_per_batch // n)
+    x, y = (torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device) for _ in range(2))
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def train_step(k):
+        models[k](x, y)[1].backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+
+    for m in models.values():
+        m.train()
+    train = interleaved({k: partial(train_step, k) for k in models}, cfg.repeats, device, clock_kind="wall")
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():  # a forward pass of one sequence is short and noisy: take several per repetition
+        fwd = interleaved({k: partial(m, x[:1]) for k, m in models.items()}, 3 * cfg.repeats, device,
+                          clock_kind="wall")
     rows = []
-    for k, b in benches.items():
-        t_train, t_fwd = statistics.median(times[k]["train"]), statistics.median(times[k]["fwd"])
-        tokens = b.x.numel()
-        rows.append({"model": k, "n": n, "threads": threads, "batch": b.x.shape[0], "train_step_s": t_train,
-                     "train_tokens_per_s": tokens / t_train, "forward_latency_ms": 1000 * t_fwd,
-                     "train_gflops_per_s": flops_per_token(k, models[k], n) * tokens / t_train / 1e9})
+    for k in models:
+        t_train, t_fwd = statistics.median(train[k]), statistics.median(fwd[k])
+        rows.append({"model": k, "n": n, "threads": threads, "batch": b, "train_step_s": t_train,
+                     "train_tokens_per_s": b * n / t_train, "forward_latency_ms": 1000 * t_fwd,
+                     "train_gflops_per_s": flops_per_token(k, models[k], n) * b * n / t_train / 1e9})
     t, r = rows
     print(f"n={n:5d} ({threads} threads): tokens/s transformer {t['train_tokens_per_s']:8.0f}  lstm "
           f"{r['train_tokens_per_s']:8.0f} (×{t['train_tokens_per_s'] / r['train_tokens_per_s']:.2f});  forward ms "
@@ -231,12 +203,9 @@ def _summarise(cfg, ctx, rows, extra, params, width, threads, load) -> dict:
         f"is for one sequence. Median of {cfg.repeats} repetitions, models interleaved; device {ctx.device}, "
         f"{threads} torch threads.")
     r.h("Table 1 of the paper, and what this run measured")
-    table1 = [dict(row) for row in TABLE1]
-    table1[0]["fitted exponent: train time/sequence"] = f"{fits['transformer']['train_time_per_sequence']:.2f}"
-    table1[1]["fitted exponent: train time/sequence"] = f"{fits['lstm']['train_time_per_sequence']:.2f}"
-    table1[0]["fitted exponent: forward latency"] = f"{fits['transformer']['forward_latency']:.2f}"
-    table1[1]["fitted exponent: forward latency"] = f"{fits['lstm']['forward_latency']:.2f}"
-    r.table(table1)
+    r.table([{**row, "fitted exponent: train time/sequence": f"{fits[m]['train_time_per_sequence']:.2f}",
+              "fitted exponent: forward latency": f"{fits[m]['forward_latency']:.2f}"}
+             for row, m in zip(TABLE1, ("transformer", "lstm"))])
     r.p("Exponent 1 is linear in n, 2 quadratic. The Transformer's cost mixes O(n·d²) projections with O(n²·d) "
         "attention, so its exponent depends on the range of n against d; its forward-latency exponent over the last two "
         f"lengths is {fits['transformer']['forward_latency_top_two_lengths']:.2f} (LSTM: "
@@ -247,17 +216,14 @@ def _summarise(cfg, ctx, rows, extra, params, width, threads, load) -> dict:
     r.p(f"At n = {ref['n']} ({threads} thread{'s' if threads > 1 else ''}): the Transformer trains on "
         f"{ref['train_tokens_per_s_ratio']:.2f}× the LSTM's tokens/s, and its forward pass over one sequence is "
         f"{ref['forward_latency_ratio_lstm_over_transformer']:.2f}× faster. "
-        + (f"The training-throughput curves cross at n ≈ {cross_train:.0f}. " if cross_train else
-           "The training-throughput curves do not cross in this range. ")
-        + (f"The forward-latency curves cross at n ≈ {cross_fwd:.0f}." if cross_fwd else
-           "The forward-latency curves do not cross in this range."))
-    by_threads = []
-    for th in sorted({x["threads"] for x in extra}):
-        t, l = (next(x for x in extra if x["threads"] == th and x["model"] == m) for m in ("transformer", "lstm"))
-        by_threads.append({"threads": th, "n": t["n"], "transformer_tokens_per_s": t["train_tokens_per_s"],
-                           "lstm_tokens_per_s": l["train_tokens_per_s"],
-                           "train_ratio": t["train_tokens_per_s"] / l["train_tokens_per_s"],
-                           "forward_latency_ratio_lstm_over_transformer": l["forward_latency_ms"] / t["forward_latency_ms"]})
+        + " ".join(f"The {what} curves " + (f"cross at n ≈ {x:.0f}." if x else "do not cross in this range.")
+                   for what, x in (("training-throughput", cross_train), ("forward-latency", cross_fwd))))
+    # `extra` holds a (transformer, lstm) pair of rows per thread count, as `measure` returns them.
+    by_threads = [{"threads": t["threads"], "n": t["n"], "transformer_tokens_per_s": t["train_tokens_per_s"],
+                   "lstm_tokens_per_s": l["train_tokens_per_s"],
+                   "train_ratio": t["train_tokens_per_s"] / l["train_tokens_per_s"],
+                   "forward_latency_ratio_lstm_over_transformer": l["forward_latency_ms"] / t["forward_latency_ms"]}
+                  for t, l in zip(extra[::2], extra[1::2])]
     if by_threads:
         r.h("More threads, same length")
         r.table(by_threads, fmt="{:.3g}")

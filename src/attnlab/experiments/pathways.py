@@ -175,8 +175,8 @@ def run(cfg: PathwaysConfig, ctx) -> dict:
 
 
 def _write(cfg, ctx, rows, train_rows, fractions) -> dict:
-    ctx.write_csv("pruning.csv", rows)
-    ctx.write_csv("runs.csv", train_rows)
+    ctx.report.csv("pruning.csv", rows)
+    ctx.report.csv("runs.csv", train_rows)
     summary_rows = []
     for task_name in ("text", "induction"):
         for trained in ("dense", "ssa"):

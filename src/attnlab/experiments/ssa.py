@@ -19,19 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..bench.memory import training_step_peak
-from ..errors import UserError, require_file
+from ..errors import UserError
 from ..inference.ensemble import attention_mode, evaluate_lm
 from ..models.lm import LM
-from ..report import line_plot, markdown_table
-from ..run.build import corpus_for, tokenizer_for
-from ..run.config import (
-    DataConfig,
-    RunConfig,
-    lm_run,
-    with_attention,
-    with_optim,
-    with_train,
-)
+from ..report import line_plot
+from ..run.config import DataConfig, RunConfig, lm_run, with_attention, with_optim, with_train
 from ..run.experiment import ExperimentConfig, experiment
 from ..training.device import autocast
 
@@ -110,9 +102,6 @@ def finetune_run(base_cfg: RunConfig, cfg: SSAExperimentConfig, steps: int) -> R
 
 @experiment("ssa", SSAExperimentConfig, "SSA: dense vs subsampled training, dense fine-tune and self-ensembles")
 def run(cfg: SSAExperimentConfig, ctx) -> dict:
-    if not cfg.data:
-        raise UserError("ssa needs --data FILE (a text file or folder)")
-    require_file(cfg.data, "text corpus")
     if cfg.train_fraction != 1.0:
         from .ssa_limited import run_limited
 
@@ -131,9 +120,7 @@ def run(cfg: SSAExperimentConfig, ctx) -> dict:
     if cfg.factor < 1 or not 0 <= cfg.finetune_fraction <= 1:
         raise UserError("factor must be >= 1 and finetune_fraction in [0, 1]")
     ft_steps = max(1, round(cfg.steps * cfg.finetune_fraction))
-    data = DataConfig(path=cfg.data, eval_batches=cfg.eval_batches)
-    tok = tokenizer_for(data)
-    corpus = corpus_for(data, tok)
+    data, tok, corpus = ctx.text(cfg.data, eval_batches=cfg.eval_batches)
     eval_set = list(corpus.eval_windows("val", cfg.seq_len, cfg.batch_size, max_batches=cfg.eval_batches))
     if not eval_set:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.seq_len}")
@@ -162,21 +149,16 @@ def run(cfg: SSAExperimentConfig, ctx) -> dict:
 
     # Every model under every inference mode that applies to it, on the same validation windows.
     evals = []
-    for variant in plan:
-        if variant not in cfg.variants:
-            continue
+    for variant in (v for v in plan if v in cfg.variants):
         model = models[variant].to(ctx.device)
-        with autocast(ctx.device, ctx.amp):
-            m = evaluate_lm(model, eval_set, mode="dense", device=ctx.device)
-            evals.append({"variant": variant, "mode": "dense", "k": 1, "loss": m["loss"], "ppl": m["ppl"]})
-            if variant != "dense":
-                for k in cfg.ensemble_k:
-                    m = evaluate_lm(model, eval_set, mode="sample", k=k, seed=cfg.seed, device=ctx.device)
-                    evals.append({"variant": variant, "mode": f"ensemble K={k}", "k": k, "loss": m["loss"],
-                                  "ppl": m["ppl"]})
+        ks = [] if variant == "dense" else cfg.ensemble_k
+        for mode, label, k in [("dense", "dense", 1)] + [("sample", f"ensemble K={k}", k) for k in ks]:
+            with autocast(ctx.device, ctx.amp):
+                m = evaluate_lm(model, eval_set, mode=mode, k=k, seed=cfg.seed, device=ctx.device)
+            evals.append({"variant": variant, "mode": label, "k": k, "loss": m["loss"], "ppl": m["ppl"]})
         print(f"   {variant}: " + ", ".join(f"{e['mode']} {e['loss']:.4f}" for e in evals if e["variant"] == variant), flush=True)
 
-    return _write(cfg, ctx, rows, evals, curves, ft_steps, corpus)
+    return _write(cfg, ctx, rows, evals, curves, ft_steps)
 
 
 def _clone(model: LM) -> LM:
@@ -185,31 +167,27 @@ def _clone(model: LM) -> LM:
     return twin.to(next(model.parameters()).device)
 
 
-def _loss(evals, variant, mode):
-    return next((e["loss"] for e in evals if e["variant"] == variant and e["mode"] == mode), None)
-
-
-def _write(cfg, ctx, rows, evals, curves, ft_steps, corpus) -> dict:
-    dense_rows = {r["variant"]: r for r in rows}
-    base_step = dense_rows.get("dense", {}).get("step_s")
+def _write(cfg, ctx, rows, evals, curves, ft_steps) -> dict:
+    loss = {(e["variant"], e["mode"]): e["loss"] for e in evals}
+    base_step = next((r["step_s"] for r in rows if r["variant"] == "dense"), None)
     for r in rows:
         r["step_vs_dense"] = base_step / r["step_s"] if base_step and r["variant"] != "ssa-local+ft" else None
-        r["dense_eval_loss"] = _loss(evals, r["variant"], "dense")
+        r["dense_eval_loss"] = loss.get((r["variant"], "dense"))
         for k in cfg.ensemble_k:
-            r[f"ensemble_K{k}"] = _loss(evals, r["variant"], f"ensemble K={k}")
-    ctx.write_csv("evals.csv", evals)
-    ctx.write_csv("runs.csv", rows)
+            r[f"ensemble_K{k}"] = loss.get((r["variant"], f"ensemble K={k}"))
+    ctx.report.csv("evals.csv", evals)
+    ctx.report.csv("runs.csv", rows)
 
     claims = {}
-    base = _loss(evals, "dense", "dense")
-    ft = _loss(evals, "ssa-local+ft", "dense")
+    base = loss.get(("dense", "dense"))
+    ft = loss.get(("ssa-local+ft", "dense"))
     if base is not None and ft is not None:
         rel = (ft - base) / base
         claims["finetuned_dense_vs_baseline_rel"] = rel
         claims["finetuned_within_1pct_or_better"] = rel <= 0.01
     kmin, kmax = min(cfg.ensemble_k), max(cfg.ensemble_k)
     for v in ("ssa-unbiased", "ssa-local", "ssa-local+ft"):
-        single, ens = _loss(evals, v, f"ensemble K={kmin}"), _loss(evals, v, f"ensemble K={kmax}")
+        single, ens = loss.get((v, f"ensemble K={kmin}")), loss.get((v, f"ensemble K={kmax}"))
         if single is not None and ens is not None and kmax > kmin:
             claims[f"{v}_ensemble_K{kmax}_beats_K{kmin}"] = ens < single
 
@@ -219,11 +197,11 @@ def _write(cfg, ctx, rows, evals, curves, ft_steps, corpus) -> dict:
     series = {}
     ks = sorted(cfg.ensemble_k)
     for v in ("ssa-unbiased", "ssa-local", "ssa-local+ft"):
-        ys = [_loss(evals, v, f"ensemble K={k}") for k in ks]
+        ys = [loss.get((v, f"ensemble K={k}")) for k in ks]
         if all(y is not None for y in ys):
             series[f"{v}: self-ensemble"] = (ks, ys)
     for v in ("dense", "ssa-local+ft", "ssa-local", "ssa-unbiased"):
-        d = _loss(evals, v, "dense")
+        d = loss.get((v, "dense"))
         if d is not None:
             series[f"{v}: dense eval"] = ([ks[0], ks[-1]], [d, d])
     if series:
@@ -247,7 +225,7 @@ def _write(cfg, ctx, rows, evals, curves, ft_steps, corpus) -> dict:
         "k passes, probabilities averaged (K=1 is a single subsampled pass).")
     r.table(rows, ["variant", "dense_eval_loss"] + [f"ensemble_K{k}" for k in cfg.ensemble_k], fmt="{:.4f}")
     r.h("The paper's claims, in miniature", 2)
-    r.p(markdown_table([{"claim": k, "result": v} for k, v in claims.items()], fmt="{:+.4f}"))
+    r.table([{"claim": k, "result": v} for k, v in claims.items()], fmt="{:+.4f}")
     for p in plots:
         r.image(p, p.stem)
     r.save()

@@ -15,8 +15,7 @@ from dataclasses import replace
 from ..errors import UserError
 from ..models.lm import LM
 from ..report import markdown_table
-from ..run.build import corpus_for, tokenizer_for
-from ..run.config import DataConfig, with_train
+from ..run.config import with_train
 
 
 class BestOnValidation:
@@ -79,9 +78,7 @@ def run_limited(cfg, ctx) -> dict:
     factors = cfg.factors or [cfg.factor]
     if any(s < 1 for s in factors):
         raise UserError("factors must be at least 1")
-    data = DataConfig(path=cfg.data, eval_batches=cfg.eval_batches)
-    tok = tokenizer_for(data)
-    corpus = corpus_for(data, tok)
+    data, tok, corpus = ctx.text(cfg.data, eval_batches=cfg.eval_batches)
     n_train = int(len(corpus.train) * cfg.train_fraction)
     if n_train < cfg.seq_len + 1:
         raise UserError(f"train_fraction {cfg.train_fraction} leaves {n_train} training tokens, fewer than one "
@@ -119,7 +116,7 @@ def _mean_std(xs):
 
 
 def _write_limited(cfg, ctx, rows, factors, n_train, ft_steps) -> dict:
-    ctx.write_csv("runs.csv", rows)
+    ctx.report.csv("runs.csv", rows)
     table = []
     for label, _, _ in limited_variants(factors):
         sel = [r for r in rows if r["variant"] == label]

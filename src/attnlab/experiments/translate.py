@@ -105,17 +105,12 @@ def load_corpus(cfg: TranslateConfig) -> Splits:
     return number_task(cfg.task)
 
 
-def _quick(cfg: TranslateConfig) -> TranslateConfig:
-    """A few minutes: fewer steps and a smaller test set, same model and data."""
-    task = replace(cfg.task, n_valid=min(cfg.task.n_valid, 100), n_test=min(cfg.task.n_test, 200))
-    return replace(cfg, task=task, steps=min(cfg.steps, 250), eval_every=125, save_every=25,
-                   n_valid=min(cfg.n_valid, 100), n_test=min(cfg.n_test, 200))
-
-
 @experiment("translate", TranslateConfig, "encoder-decoder Transformer on number translation: greedy, beam, averaged")
 def run(cfg: TranslateConfig, ctx) -> dict:
-    if cfg.quick:
-        cfg = _quick(cfg)
+    if cfg.quick:  # a few minutes: fewer steps and a smaller test set, same model and data
+        task = replace(cfg.task, n_valid=min(cfg.task.n_valid, 100), n_test=min(cfg.task.n_test, 200))
+        cfg = replace(cfg, task=task, steps=min(cfg.steps, 250), eval_every=125, save_every=25,
+                      n_valid=min(cfg.n_valid, 100), n_test=min(cfg.n_test, 200))
     splits = load_corpus(cfg)
     vocab = ParallelVocab.train(splits.train, cfg.bpe_vocab_size)
     vocab.save(ctx.out / "vocab")
@@ -140,43 +135,37 @@ def run(cfg: TranslateConfig, ctx) -> dict:
     test_src = encode_pairs(splits.test, vocab).src
     refs = [t for _, t in splits.test]
 
-    def decode(method):
-        ids = decode_all(model, test_src, method=method, beam_size=cfg.beam_size, alpha=cfg.alpha,
+    def decode(m, method):
+        ids = decode_all(m, test_src, method=method, beam_size=cfg.beam_size, alpha=cfg.alpha,
                          batch_size=cfg.decode_batch, device=ctx.device)
         return [vocab.decode(h) for h in ids]
 
-    outputs = {"greedy": decode("greedy"), f"beam{cfg.beam_size}": decode("beam")}
+    outputs = {"greedy": decode(model, "greedy"), f"beam{cfg.beam_size}": decode(model, "beam")}
     ckpts = list_checkpoints(run_dir)[-cfg.average_last:]
     averaged = None
     if len(ckpts) >= 2:
         averaged = average_checkpoints(ckpts, ctx.out / "averaged")
         load_weights(model, resolve_checkpoint(averaged.parent))
         model.eval()
-        outputs[f"avg{len(ckpts)}+greedy"] = decode("greedy")
-        outputs[f"avg{len(ckpts)}+beam{cfg.beam_size}"] = decode("beam")
+        outputs[f"avg{len(ckpts)}+greedy"] = decode(model, "greedy")
+        outputs[f"avg{len(ckpts)}+beam{cfg.beam_size}"] = decode(model, "beam")
     lstm_info = None
     if cfg.lstm_baseline:
         lstm_info = _lstm_baseline(cfg, ctx, mcfg, model.num_params(), task, tcfg, optim)
         lstm = lstm_info.pop("model")
-        for method, label in (("greedy", "lstm greedy"), ("beam", f"lstm beam{cfg.beam_size}")):
-            ids = decode_all(lstm, test_src, method=method, beam_size=cfg.beam_size, alpha=cfg.alpha,
-                             batch_size=cfg.decode_batch, device=ctx.device)
-            outputs[label] = [vocab.decode(h) for h in ids]
-    rows = []
-    for name, hyps in outputs.items():
-        rows.append({"decoding": name, **translation_scores(hyps, refs)})
+        outputs["lstm greedy"], outputs[f"lstm beam{cfg.beam_size}"] = decode(lstm, "greedy"), decode(lstm, "beam")
+    rows = [{"decoding": name, **translation_scores(hyps, refs)} for name, hyps in outputs.items()]
     samples = [{"source": s, "reference": r, **{k: v[i] for k, v in outputs.items()}}
                for i, (s, r) in enumerate(splits.test)]
-    ctx.write_jsonl("test_translations.jsonl", samples)
-    ctx.write_jsonl("train_history.jsonl", res.history)
-    ctx.write_jsonl("evals.jsonl", res.evals)
-    ctx.write_csv("test_scores.csv", rows)
+    ctx.report.jsonl("test_translations.jsonl", samples)
+    ctx.report.jsonl("train_history.jsonl", res.history)
+    ctx.report.jsonl("evals.jsonl", res.evals)
+    ctx.report.csv("test_scores.csv", rows)
     _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts, lstm_info)
     by = {r["decoding"]: r for r in rows}
-    greedy, beam = by["greedy"], by[f"beam{cfg.beam_size}"]
     return {"params": model.num_params(), "vocab_size": vocab.size, "train_pairs": len(train_data.src),
             "test_pairs": len(refs), "steps": res.steps, "train_tokens_per_s": round(res.tokens_per_s),
-            "test": by, "beam_minus_greedy_bleu": beam["bleu"] - greedy["bleu"],
+            "test": by, "beam_minus_greedy_bleu": by[f"beam{cfg.beam_size}"]["bleu"] - by["greedy"]["bleu"],
             "final_valid": res.final, "averaged_checkpoints": [c.name for c in ckpts] if averaged else [],
             "lstm_baseline": lstm_info}
 
@@ -202,9 +191,8 @@ def _lstm_baseline(cfg, ctx, mcfg, target_params, task, tcfg, optim) -> dict:
 
 
 def _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts, lstm_info):
-    steps = [h["step"] for h in res.history]
     loss_plot = line_plot(ctx.out / "learning_curve.png", {
-        "train loss (smoothed targets)": (steps, [h["loss"] for h in res.history]),
+        "train loss (smoothed targets)": ([h["step"] for h in res.history], [h["loss"] for h in res.history]),
         "valid loss": ([e["step"] for e in res.evals], [e["val_loss"] for e in res.evals]),
         "floor: entropy of smoothed target": ([0, res.steps], [smoothed_target_entropy(vocab.size, cfg.label_smoothing)] * 2),
     }, xlabel="step", ylabel="label-smoothed cross-entropy (nats)", title="Learning curve", logy=True)
@@ -238,6 +226,6 @@ def _report(cfg, ctx, mcfg, model, vocab, train_data, res, rows, samples, ckpts,
     wrong = [s for s in samples if s["greedy"] != s["reference"]][:8]
     if wrong:
         r.h("Some greedy errors")
-        r.p(markdown_table([{k: v for k, v in s.items()} for s in wrong]))
+        r.table(wrong)
     r.save()
     print(markdown_table(rows, ["decoding", "bleu", "chrf", "exact"], fmt="{:.2f}"))

@@ -160,7 +160,7 @@ def _summary(rows, key_fields):
 
 
 def _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score) -> dict:
-    ctx.write_csv("evals.csv", rows)
+    ctx.report.csv("evals.csv", rows)
     exact = next(s for s in _summary([r for r in rows if r["method"] == "exact"], ["method"]))
     table = _summary([r for r in rows if r["method"] != "exact"], ["method", "budget"])
     threshold = cfg.keep_fraction * exact["accuracy"]
@@ -172,7 +172,7 @@ def _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score) -> dict:
     wide = [{"budget": b, **{m: pm(*next(((s["accuracy"], s["accuracy_se"]) for s in table
                                           if s["method"] == m and s["budget"] == b), (None, None)))
                              for m in cfg.methods}} for b in budgets]
-    ctx.write_csv("accuracy_by_budget.csv", table)
+    ctx.report.csv("accuracy_by_budget.csv", table)
 
     def draw(fig, plt):
         ax = fig.add_subplot(1, 1, 1)
@@ -193,7 +193,7 @@ def _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score) -> dict:
     plot = figure(ctx.out / "accuracy_vs_budget.png", draw)
     scratch = _summary(scratch_rows, ["model", "eval"]) if scratch_rows else []
     if scratch_rows:
-        ctx.write_csv("scratch.csv", scratch_rows)
+        ctx.report.csv("scratch.csv", scratch_rows)
 
     r = ctx.report
     r.h("Pre-scored attention on images", 1)

@@ -130,7 +130,7 @@ def run(cfg: SSAViTConfig, ctx) -> dict:
 
 
 def _write(cfg, ctx, rows, curves, ft_steps, split, score) -> dict:
-    ctx.write_csv("runs.csv", rows)
+    ctx.report.csv("runs.csv", rows)
     labels = list(variants(cfg))
     cols = ["dense_eval", "finetuned"] + [f"ensemble_K{k}" for k in cfg.ensemble_k] + ["step_s", "peak_MB"]
     summary = {}

@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..report import Report
 from ..training import train
 from ..training.device import resolve_device
-from .build import build, build_task
-from .config import RunConfig, with_train
+from .build import build, build_task, corpus_for, tokenizer_for
+from .config import DataConfig, RunConfig, with_train
 
 Kind = Literal["experiment", "benchmark"]
 
@@ -84,22 +84,25 @@ def entries(kind: Kind | None = None) -> dict[str, Entry]:
 class Context:
     """Where an experiment writes, on what it runs, and how it trains its variants."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, name: str = "this experiment"):
         if not cfg.out:
             raise UserError("--out is required")
         self.out = Path(cfg.out)
         if self.out.is_file() or (self.out.is_dir() and any(self.out.iterdir())):
             raise UserError(f"{self.out} is not empty: an experiment writes into a folder of its own; choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg = cfg
+        self.cfg, self.name = cfg, name
         self.device, self.amp = resolve_device(cfg.device, cfg.dtype)
         self.report = Report(self.out)
 
-    def write_csv(self, name: str, rows: list[dict]) -> Path:
-        return self.report.csv(name, rows)
-
-    def write_jsonl(self, name: str, rows: list[dict]) -> Path:
-        return self.report.jsonl(name, rows)
+    def text(self, path: str, **data):
+        """The experiment's `--data` text, read once for all its runs: (DataConfig(path, **data), tokenizer,
+        tokenised corpus)."""
+        if not path:
+            raise UserError(f"{self.name} needs --data FILE (a text file or folder)")
+        data = DataConfig(path=path, **data)
+        tok = tokenizer_for(data)
+        return data, tok, corpus_for(data, tok)
 
     def train(self, cfg: RunConfig, name: str, *, model=None, task=None, paired: bool = False, corpus=None,
               tokenizer=None, record: bool = False, under: str = "runs"):
@@ -126,7 +129,7 @@ def run_experiment(name: str, cfg: ExperimentConfig) -> dict:
     if name not in known:
         raise UserError(f"unknown experiment {name!r}; choose one of: {', '.join(sorted(known))}")
     torch.manual_seed(cfg.seed)
-    ctx = Context(cfg)
+    ctx = Context(cfg, name)
     t0 = time.time()
     summary = known[name].fn(cfg, ctx)
     summary = {"experiment": name, "quick": cfg.quick, "device": str(ctx.device), "wall_s": round(time.time() - t0, 1),

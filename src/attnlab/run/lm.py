@@ -42,8 +42,6 @@ def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
         raise UserError(f"--context {context} is longer than the model's max_seq_len={model.cfg.max_seq_len}")
     task = lm_task(run, batch_size=cfg.batch_size, seed=cfg.seed, seq_len=context, data_path=cfg.data)
     split = "val" if cfg.split == "auto" else cfg.split
-    if split == "test":
-        raise UserError("a language model's corpus has no test split; use --split val or train")
     metrics = evaluate(model, task, mode=cfg.mode, ensemble=cfg.ensemble, split=split, batches=cfg.batches,
                        device=device, amp=amp, seed=cfg.seed)
     if run.data.source == "text":

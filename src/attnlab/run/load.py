@@ -20,10 +20,6 @@ class LoadedRun:
     kind: str = "lm"
 
 
-def run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-
-
 def load_run(path) -> LoadedRun:
     """Rebuild the model of a run folder (its latest checkpoint) or of a checkpoint folder, with its weights,
     tokenizer and data config."""
@@ -31,4 +27,5 @@ def load_run(path) -> LoadedRun:
 
     ckpt = resolve_checkpoint(path)
     record = read_config(ckpt)
-    return kind(record.get("run", {}).get("task", "lm")).load(record, ckpt, run_dir_of(ckpt))
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return kind(record.get("run", {}).get("task", "lm")).load(record, ckpt, run_dir)
