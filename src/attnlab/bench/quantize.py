@@ -123,27 +123,40 @@ def _torchao_variants(fp32) -> tuple[dict, str]:
         return out, f"torchao could not quantise this model: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
-def _variants(fp32) -> tuple[dict, list[str]]:
-    variants, notes = {"fp32": fp32}, []
-    for name, scheme, route in (("dynamic-fbgemm", "dynamic", "fbgemm"), ("dynamic-int_mm", "dynamic", "int_mm"),
-                                ("weight-only", "weight-only", "dequant")):
+# (variant, scheme, route): both dynamic routes, since fbgemm scales a call's activations by one number and
+# int_mm each token by its own, which matters for the outlier activations of pretrained models.
+ROUTES = (("dynamic-fbgemm", "dynamic", "fbgemm"), ("dynamic-int_mm", "dynamic", "int_mm"),
+          ("weight-only", "weight-only", "dequant"))
+
+
+def int8_variants(fp32) -> tuple[dict, dict]:
+    """fp32 and a quantised copy per route: (name -> model, the modules int8 kept in float and why)."""
+    out, kept = {"fp32": fp32}, {}
+    for name, scheme, route in ROUTES:
         m = copy.deepcopy(fp32)
-        quantize_model(m, scheme, route)
-        variants[name] = m
+        kept = quantize_model(m, scheme, route)["kept"]
+        out[name] = m
+    return out, kept
+
+
+def _variants(fp32) -> tuple[dict, list[str]]:
+    variants, _ = int8_variants(fp32)
     ao, note = _torchao_variants(fp32)
     variants.update(ao)
-    notes.append(note)
-    return variants, notes
+    return variants, [note]
 
 
-def _size(name, model, folder: Path) -> int:
-    path = folder / f"{name}.safetensors"
+def weight_bytes(name: str, model, folder: Path) -> int:
+    """Size of the model's weights written as safetensors (0: not plain tensors, as torchao's subclasses are);
+    the file is deleted again, since a pretrained model's are large."""
     state = _state_for_safetensors(model) if name == "fp32" else quantized_state(model)
-    try:
-        save_safetensors(state, path)
-    except Exception:  # torchao's tensor subclasses are not plain tensors; their size is then not measured
-        return 0
-    return path.stat().st_size
+    with tempfile.TemporaryDirectory(dir=folder, prefix="weights_") as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        try:
+            save_safetensors(state, path)
+        except Exception:  # torchao's tensor subclasses are not plain tensors; their size is then not measured
+            return 0
+        return path.stat().st_size
 
 
 @experiment("quantize", QuantizeBenchConfig, kind="benchmark")
@@ -176,12 +189,11 @@ def quantize_bench(cfg: QuantizeBenchConfig, ctx) -> dict:
     with torch.inference_mode():
         t_eval = interleaved({k: fwd(m) for k, m in variants.items()}, cfg.rounds, dev, warmup=1, alternate=True)
         t_gen = interleaved({k: gen(m) for k, m in variants.items()}, cfg.rounds, dev, warmup=1, alternate=True)
-    folder = Path(tempfile.mkdtemp(dir=ctx.out, prefix="weights_"))
     rows = []
     for name, m in variants.items():
         loss = evaluate(m, task, split="val", batches=cfg.eval_batches, device=dev, amp=None, seed=cfg.seed)["loss"]
         rows.append({"variant": name, "params": sum(t.numel() for t in _state_for_safetensors(m).values()),
-                     "bytes": _size(name, m, folder), "eval_tok_s": cfg.batch * context / statistics.median(t_eval[name]),
+                     "bytes": weight_bytes(name, m, ctx.out), "eval_tok_s": cfg.batch * context / statistics.median(t_eval[name]),
                      "gen_tok_s": gen_tokens / statistics.median(t_gen[name]), "val_loss": loss})
     base = rows[0]
     for r in rows:

@@ -15,23 +15,17 @@ Times are this process's CPU time (the clock of `bench.measure`), so other load 
 
 from __future__ import annotations
 
-import copy
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..inference.quantize import quantize_model, quantized_state
-from ..training.checkpoint import _state_for_safetensors, save_safetensors
+from ..training.checkpoint import _state_for_safetensors
 from .measure import interleaved
+from .quantize import int8_variants, weight_bytes
 
 PROMPT = 8
-# Both dynamic routes: fbgemm scales a call's activations by one number, int_mm each token by its own, which
-# matters for the outlier activations of pretrained models.
-ROUTES = (("dynamic-fbgemm", "dynamic", "fbgemm"), ("dynamic-int_mm", "dynamic", "int_mm"),
-          ("weight-only", "weight-only", "dequant"))
 VAL_FRACTION = 0.1  # attnlab finetune's default held-out share
 
 
@@ -49,24 +43,6 @@ def check_source(cfg) -> None:
         raise UserError(f"--data must be a text file: {cfg.data}")
 
 
-def variants(fp32) -> tuple[dict, dict]:
-    """(name -> model, the modules int8 kept in float and why)."""
-    out, kept = {"fp32": fp32}, {}
-    for name, scheme, route in ROUTES:
-        m = copy.deepcopy(fp32)
-        kept = quantize_model(m, scheme, route)["kept"]
-        out[name] = m
-    return out, kept
-
-
-def weight_bytes(name: str, model, folder: Path) -> int:
-    """Size of the model's weights written as safetensors; the file is deleted (a pretrained model's are large)."""
-    with tempfile.TemporaryDirectory(dir=folder, prefix="weights_") as tmp:
-        path = Path(tmp) / f"{name}.safetensors"
-        save_safetensors(_state_for_safetensors(model) if name == "fp32" else quantized_state(model), path)
-        return path.stat().st_size
-
-
 def pretrained_bench(cfg, ctx) -> dict:
     from ..integrations.hf_finetune import heldout_nll, heldout_windows, token_split
     from ..integrations.hf_load import load_pretrained, resolve_source
@@ -80,7 +56,7 @@ def pretrained_bench(cfg, ctx) -> dict:
     _, held = token_split(tok, Path(cfg.data), VAL_FRACTION, cfg.context)
     windows = heldout_windows(held, cfg.context, cfg.windows)
     prompt = windows[:1, :min(PROMPT, cfg.context)]
-    models, kept = variants(fp32)
+    models, kept = int8_variants(fp32)
     print(f"{source}: {type(fp32).__name__}, {sum(p.numel() for p in fp32.parameters()):,} parameters; CPU, "
           f"{torch.get_num_threads()} thread(s); {len(windows)}×{cfg.context} held-out tokens; variants: "
           f"{', '.join(models)}", flush=True)

@@ -11,7 +11,6 @@ and the smallest fraction at which each model stays within `tolerance` of its fu
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 
 from ..attention.swap import swapped_attention
