@@ -19,10 +19,10 @@ import torch
 
 from ..bench.measure import mean_std
 from ..commands.quantize import quantize_run
-from ..errors import UserError, require_file
+from ..errors import UserError
 from ..inference.generate import generate
 from ..report import figure
-from ..run.build import build, corpus_for, tokenizer_for
+from ..run.build import build
 from ..run.config import DataConfig, RunConfig, lm_run, with_attention, with_model
 from ..run.evaluate import evaluate
 from ..run.experiment import ExperimentConfig, experiment
@@ -117,9 +117,6 @@ def _time(fn) -> float:
 
 @experiment("deploy", DeployConfig, "teacher → distilled students (± KV shift) vs scratch → int8: size, speed, loss")
 def run(cfg: DeployConfig, ctx) -> dict:
-    if not cfg.data:
-        raise UserError("deploy needs --data FILE (a text file or folder)")
-    require_file(cfg.data, "text corpus")
     if not cfg.seeds:
         raise UserError("deploy needs at least one seed")
     if cfg.quick:
@@ -127,9 +124,7 @@ def run(cfg: DeployConfig, ctx) -> dict:
                       batch_size=min(cfg.batch_size, 8), teacher_steps=min(cfg.teacher_steps, 60),
                       student_steps=min(cfg.student_steps, 30), student_layers=1, seeds=cfg.seeds[:1],
                       eval_batches=min(cfg.eval_batches, 2), gen_tokens=min(cfg.gen_tokens, 16))
-    data = DataConfig(path=cfg.data, tokenizer=cfg.tokenizer, eval_batches=cfg.eval_batches)
-    tok = tokenizer_for(data)
-    corpus = corpus_for(data, tok)
+    data, tok, corpus = ctx.text(cfg.data, tokenizer=cfg.tokenizer, eval_batches=cfg.eval_batches)
     print("== teacher", flush=True)
     teacher, _, tres = ctx.train(teacher_run(cfg, data, tok.vocab_size), "teacher", corpus=corpus, tokenizer=tok,
                                  record=True)

@@ -14,10 +14,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..attention.swap import swapped_attention
-from ..errors import UserError, require_file
+from ..errors import UserError
 from ..inference.ensemble import evaluate_lm
 from ..report import line_plot
-from ..run.build import corpus_for, tokenizer_for
 from ..run.config import DataConfig, RunConfig, lm_run, with_attention
 from ..run.experiment import ExperimentConfig, experiment
 from ..training.device import autocast
@@ -116,9 +115,6 @@ def smallest_within(rows: list[dict], full: float, tolerance: float) -> float | 
 
 
 def _check(cfg: PathwaysConfig) -> None:
-    if not cfg.data:
-        raise UserError("pathways needs --data FILE (a text file or folder)")
-    require_file(cfg.data, "text corpus")
     if not cfg.fractions or any(not 0 < f <= 1 for f in cfg.fractions):
         raise UserError("fractions must be in (0, 1]")
     bad = [m for m in cfg.methods if m not in METHODS]
@@ -146,9 +142,7 @@ def run(cfg: PathwaysConfig, ctx) -> dict:
                       induction_steps=min(cfg.induction_steps, 20))
     _check(cfg)
     fractions = sorted(set(cfg.fractions) | {1.0})
-    data = DataConfig(path=cfg.data, eval_batches=cfg.eval_batches)
-    tok = tokenizer_for(data)
-    corpus = corpus_for(data, tok)
+    data, tok, corpus = ctx.text(cfg.data, eval_batches=cfg.eval_batches)
     eval_set = list(corpus.eval_windows("val", cfg.seq_len, cfg.batch_size, max_batches=cfg.eval_batches))
     if not eval_set:
         raise UserError(f"the validation split of {cfg.data} is shorter than one window of {cfg.seq_len}")
