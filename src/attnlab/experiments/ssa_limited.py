@@ -12,6 +12,7 @@ import copy
 import statistics
 from dataclasses import replace
 
+from ..bench.measure import mean_std
 from ..errors import UserError
 from ..models.lm import LM
 from ..report import markdown_table
@@ -111,17 +112,13 @@ def run_limited(cfg, ctx) -> dict:
     return _write_limited(cfg, ctx, rows, factors, n_train, ft_steps)
 
 
-def _mean_std(xs):
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def _write_limited(cfg, ctx, rows, factors, n_train, ft_steps) -> dict:
     ctx.report.csv("runs.csv", rows)
     table = []
     for label, _, _ in limited_variants(factors):
         sel = [r for r in rows if r["variant"] == label]
-        m, s = _mean_std([r["best_val_loss"] for r in sel])
-        t, _ = _mean_std([r["step_s"] for r in sel])
+        m, s = mean_std([r["best_val_loss"] for r in sel])
+        t, _ = mean_std([r["step_s"] for r in sel])
         table.append({"variant": label, "best_val_mean": m, "best_val_std": s, "step_s": t,
                       "best_step_mean": statistics.fmean(r["best_step"] or 0 for r in sel)})
     dense, dense_ft = table[0]["best_val_mean"], table[1]["best_val_mean"]
