@@ -21,7 +21,7 @@ from ..attention.topkeys import METHODS
 from ..errors import UserError
 from ..report import figure, markdown_table
 from ..run.experiment import ExperimentConfig, experiment
-from .vit_runs import Scorer, load_data, mean_se, pm, scoring_split, train_vit, vit_run, with_vit_attention
+from .vit_runs import mean_se, pm, quick, setup, train_vit, with_vit_attention
 
 
 @dataclass
@@ -91,20 +91,14 @@ def _check(cfg: PrescoreViTConfig) -> None:
             "random); a model trained with the selection")
 def run(cfg: PrescoreViTConfig, ctx) -> dict:
     if cfg.quick:
-        cfg = replace(cfg, limit_train=min(cfg.limit_train or 1024, 1024), eval_images=min(cfg.eval_images or 256, 256),
-                      d_model=32, n_layer=2, n_head=2, steps=min(cfg.steps, 40), warmup_steps=5, eval_every=0,
-                      n_seeds=min(cfg.n_seeds, 2), batch_size=min(cfg.batch_size, 32))
+        cfg = quick(cfg, steps=40, eval_every=0)
     _check(cfg)
-    data_cfg, data = load_data(cfg.data, "vit-prescore", limit_train=cfg.limit_train, limit_val=1000, augment=True,
-                               flip=True, crop_padding=0)
-    split = scoring_split(data)
-    score = Scorer(data, split, cfg.eval_images, ctx.device, ctx.amp)
+    prep = setup(cfg, ctx, "vit-prescore", augment=True, flip=True, crop_padding=0)
+    data, score = prep.data, prep.score
     rows, scratch_rows = [], []
     n_tokens = None
     for seed in range(cfg.seed, cfg.seed + cfg.n_seeds):
-        base = vit_run(data_cfg, patch_size=cfg.patch_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, seed=seed)
+        base = prep.base(seed)
         print(f"== exact, seed {seed}", flush=True)
         model, _, res = train_vit(ctx, base, data, f"exact-s{seed}")
         n_tokens = model.cfg.seq_len
@@ -125,7 +119,7 @@ def run(cfg: PrescoreViTConfig, ctx) -> dict:
                                             if r["seed"] == seed and r["method"] == method), flush=True)
         if cfg.scratch_method:
             scratch_rows += _scratch(cfg, ctx, base, data, model, score, seed, exact)
-    return _write(cfg, ctx, rows, scratch_rows, n_tokens, split, score)
+    return _write(cfg, ctx, rows, scratch_rows, n_tokens, prep.split, score)
 
 
 def _scratch(cfg, ctx, base, data, exact_model, score, seed, exact) -> list[dict]:

@@ -1,14 +1,13 @@
-"""What the ViT experiments share: one base image run, training a variant through the experiment context,
+"""What the ViT experiments share: their --quick shrink, data and base run per seed, training a variant through the experiment context,
 scoring a split under an attention mode, and means with standard errors over seeds."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..attention import AttentionSpec
 from ..data.images import ImageDataConfig, load_images
 from ..errors import UserError
 from ..models.vit import ViT, ViTConfig
@@ -29,16 +28,40 @@ def load_data(path: str, experiment: str, **options):
     return cfg, load_images(cfg)
 
 
-def vit_run(data_cfg: ImageDataConfig, *, patch_size: int, d_model: int, n_layer: int, n_head: int,
-            batch_size: int, steps: int, lr: float, warmup_steps: int, eval_every: int, seed: int,
-            weight_decay: float = 0.05, attention: AttentionSpec | None = None) -> ImageRunConfig:
-    """The base of the ViT experiments: AdamW with cosine decay to lr/100, a quiet trainer, one checkpoint."""
-    model = ViTConfig(patch_size=patch_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
-                      attention=attention or AttentionSpec())
-    train = TrainConfig(steps=steps, batch_size=batch_size, eval_every=eval_every, log_every=10, seed=seed,
-                        tensorboard=False, keep_checkpoints=1, progress=False)
-    optim = OptimConfig(lr=lr, min_lr=lr / 100, warmup_steps=warmup_steps, weight_decay=weight_decay)
-    return ImageRunConfig(out="", model=model, data=data_cfg, train=train, optim=optim)
+def quick(cfg, steps: int, eval_every: int):
+    """The --quick shrink of a ViT experiment config: at most 1,024 training and 256 scored images, a 2-block
+    ViT of width 32, batches of 32, `steps` steps, 2 seeds."""
+    return replace(cfg, limit_train=min(cfg.limit_train or 1024, 1024), eval_images=min(cfg.eval_images or 256, 256),
+                   d_model=32, n_layer=2, n_head=2, steps=min(cfg.steps, steps), warmup_steps=5,
+                   eval_every=eval_every, n_seeds=min(cfg.n_seeds, 2), batch_size=min(cfg.batch_size, 32))
+
+
+@dataclass
+class Setup:
+    """What a ViT experiment builds once from its config: the data, the scorer, and the base run per seed."""
+    cfg: object
+    data_cfg: ImageDataConfig
+    data: object
+    split: str
+    score: "Scorer"
+
+    def base(self, seed: int) -> ImageRunConfig:
+        """The experiment's model and schedule (AdamW with cosine decay to lr/100, a quiet trainer, one
+        checkpoint), trained from `seed`."""
+        c = self.cfg
+        model = ViTConfig(patch_size=c.patch_size, d_model=c.d_model, n_layer=c.n_layer, n_head=c.n_head)
+        train = TrainConfig(steps=c.steps, batch_size=c.batch_size, eval_every=c.eval_every, log_every=10,
+                            seed=seed, tensorboard=False, keep_checkpoints=1, progress=False)
+        optim = OptimConfig(lr=c.lr, min_lr=c.lr / 100, warmup_steps=c.warmup_steps, weight_decay=0.05)
+        return ImageRunConfig(out="", model=model, data=self.data_cfg, train=train, optim=optim)
+
+
+def setup(cfg, ctx, experiment: str, **data_options) -> Setup:
+    """Load `cfg.data` (limit_train training images, 1,000 held out for validation) and score `cfg.eval_images`
+    images of its test split (validation when it has none)."""
+    data_cfg, data = load_data(cfg.data, experiment, limit_train=cfg.limit_train, limit_val=1000, **data_options)
+    split = "test" if "test" in data.splits else "val"
+    return Setup(cfg, data_cfg, data, split, Scorer(data, split, cfg.eval_images, ctx.device, ctx.amp))
 
 
 def with_vit_attention(cfg: ImageRunConfig, name: str, options: dict | None = None) -> ImageRunConfig:
@@ -58,10 +81,6 @@ def clone(model: ViT) -> ViT:
     twin = ViT(model.cfg)
     twin.load_state_dict(model.state_dict())
     return twin.to(next(model.parameters()).device)
-
-
-def scoring_split(data) -> str:
-    return "test" if "test" in data.splits else "val"
 
 
 class Scorer:

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..inference.ensemble import attention_mode
 from ..report import figure, line_plot, markdown_table
 from ..run.experiment import ExperimentConfig, experiment
-from .vit_runs import Scorer, clone, load_data, mean_se, pm, scoring_split, train_vit, vit_run, with_vit_attention
+from .vit_runs import clone, mean_se, pm, quick, setup, train_vit, with_vit_attention
 
 
 @dataclass
@@ -95,20 +95,14 @@ def _check(cfg: SSAViTConfig) -> None:
             "ViT on images: dense vs SSA (unbiased, local; S=2, 4), dense fine-tune, self-ensembles, step cost")
 def run(cfg: SSAViTConfig, ctx) -> dict:
     if cfg.quick:
-        cfg = replace(cfg, limit_train=min(cfg.limit_train or 1024, 1024), eval_images=min(cfg.eval_images or 256, 256),
-                      d_model=32, n_layer=2, n_head=2, steps=min(cfg.steps, 60), warmup_steps=5, eval_every=20,
-                      n_seeds=min(cfg.n_seeds, 2), batch_size=min(cfg.batch_size, 32))
+        cfg = quick(cfg, steps=60, eval_every=20)
     _check(cfg)
-    data_cfg, data = load_data(cfg.data, "vit-ssa", limit_train=cfg.limit_train, limit_val=1000,
-                               augment=cfg.augment, flip=cfg.augment, crop_padding=0)
-    split = scoring_split(data)
-    score = Scorer(data, split, cfg.eval_images, ctx.device, ctx.amp)
+    prep = setup(cfg, ctx, "vit-ssa", augment=cfg.augment, flip=cfg.augment, crop_padding=0)
+    data, score = prep.data, prep.score
     ft_steps = max(1, round(cfg.steps * cfg.finetune_fraction))
     rows, curves = [], {}
     for seed in range(cfg.seed, cfg.seed + cfg.n_seeds):
-        base = vit_run(data_cfg, patch_size=cfg.patch_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, seed=seed, weight_decay=0.05)
+        base = prep.base(seed)
         for label, opts in variants(cfg).items():
             print(f"== {label}, seed {seed}", flush=True)
             run_cfg = base if opts is None else with_vit_attention(base, "ssa", opts)
@@ -126,7 +120,7 @@ def run(cfg: SSAViTConfig, ctx) -> dict:
                 row["finetuned"] = score(tuned)["accuracy"]
             rows.append(row)
             print("   " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    return _write(cfg, ctx, rows, curves, ft_steps, split, score)
+    return _write(cfg, ctx, rows, curves, ft_steps, prep.split, score)
 
 
 def _write(cfg, ctx, rows, curves, ft_steps, split, score) -> dict:
