@@ -19,9 +19,7 @@ from ..attention import AttentionSpec
 from ..models.lm import LMConfig
 from ..run.build import build_model
 from ..run.experiment import ExperimentConfig, experiment
-from ..training.device import autocast
-from ..training.trainer import OptimConfig, make_optimizer
-from .measure import clock, interleaved, keep_freed_memory, page_faults
+from .measure import clock, interleaved, keep_freed_memory, optimizer_step, page_faults
 
 
 @dataclass
@@ -52,19 +50,6 @@ class KVShiftOverheadConfig(ExperimentConfig):
     """glibc keeps freed memory (no heap trimming, large blocks from the heap): see the module docstring"""
 
 
-def _step(model, x, device, amp):
-    opt = make_optimizer(model, OptimConfig())
-
-    def step():
-        with autocast(device, amp):
-            _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure(context: int, cfg: KVShiftOverheadConfig, device, amp) -> dict:
     batch = max(1, cfg.tokens // context)
     models = {}
@@ -74,7 +59,7 @@ def measure(context: int, cfg: KVShiftOverheadConfig, device, amp) -> dict:
                         max_seq_len=context, attention=spec)
         models[name] = build_model(mcfg, cfg.seed, paired=True).to(device).train()
     x = torch.randint(0, cfg.vocab, (batch, context), device=device)
-    steps = {name: _step(m, x, device, amp) for name, m in models.items()}
+    steps = {name: optimizer_step(m, x, x, device, amp) for name, m in models.items()}
     times = interleaved(steps, cfg.rounds, device, clock_kind=cfg.clock, warmup=cfg.warmup, alternate=True)
     faults = {name: page_faults(fn) for name, fn in steps.items()} if device.type == "cpu" else {}
     wall = clock(cfg.clock, device) is time.perf_counter

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..training.device import autocast
+from ..training.trainer import OptimConfig, make_optimizer
 
 CLOCKS = ("auto", "wall", "cpu")
 
@@ -56,6 +58,22 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
             sync(device)
             times[label].append(now() - t0)
     return times
+
+
+def optimizer_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, amp
+                   ) -> Callable[[], None]:
+    """A closure running one language-model training step (forward under autocast, backward, AdamW with the
+    trainer's defaults) on fixed tokens."""
+    opt = make_optimizer(model, OptimConfig())
+
+    def step():
+        with autocast(device, amp):
+            _, loss = model(inputs, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def page_faults(fn: Callable[[], object], calls: int = 5) -> float:

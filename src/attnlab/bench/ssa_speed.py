@@ -26,9 +26,7 @@ from ..attention import AttentionSpec, build_kernel
 from ..models.lm import LMConfig
 from ..run.build import build_model
 from ..run.experiment import ExperimentConfig, experiment
-from ..training.device import autocast
-from ..training.trainer import OptimConfig, make_optimizer
-from .measure import interleaved
+from .measure import interleaved, optimizer_step
 from .memory import peak_memory
 
 
@@ -101,17 +99,8 @@ def train_step_case(spec: AttentionSpec, n, cfg: SSASpeedConfig, device, amp):
     mcfg = LMConfig(vocab_size=256, n_layer=cfg.layers, n_head=cfg.heads, d_model=cfg.heads * cfg.head_dim,
                     max_seq_len=n, attention=spec)
     model = build_model(mcfg, cfg.seed).to(device).train()
-    opt = make_optimizer(model, OptimConfig())
     x = torch.randint(0, 256, (cfg.step_batch, n + 1), device=device)
-
-    def step():
-        with autocast(device, amp):
-            _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return optimizer_step(model, x[:, :-1], x[:, 1:], device, amp)
 
 
 def attention_rows(cfg: SSASpeedConfig, device, dtype) -> list[dict]:

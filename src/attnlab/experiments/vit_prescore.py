@@ -14,7 +14,7 @@ errors. The headline per method: the smallest budget that keeps >= keep_fraction
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..attention.swap import swapped_attention
 from ..attention.topkeys import METHODS

@@ -43,7 +43,7 @@ class Setup:
     data_cfg: ImageDataConfig
     data: object
     split: str
-    score: "Scorer"
+    score: Scorer
 
     def base(self, seed: int) -> ImageRunConfig:
         """The experiment's model and schedule (AdamW with cosine decay to lr/100, a quiet trainer, one
