@@ -30,7 +30,7 @@ class PrescoreViTConfig(ExperimentConfig):
     """a folder of IDX files (Fashion-MNIST: /usr/share/datasets/fashion-mnist) or of class sub-folders"""
     limit_train: int = 0
     """train on a random subset of this many images (0: all)"""
-    eval_images: int = 2000
+    eval_images: int = 1000
     """test images (validation where the data has no test split) scored per evaluation; 0: all"""
     patch_size: int = 2
     """patch side: 2 on 28×28 gives 196 patches + the class token"""
@@ -42,14 +42,14 @@ class PrescoreViTConfig(ExperimentConfig):
     """attention heads"""
     batch_size: int = 64
     """training images per step"""
-    steps: int = 1500
+    steps: int = 800
     """training steps of each model"""
     lr: float = 2e-3
     """peak learning rate (AdamW, cosine decay to lr/100)"""
     warmup_steps: int = 100
     """linear warm-up steps"""
-    eval_every: int = 500
-    """validation during training every this many steps"""
+    eval_every: int = 0
+    """validation during training every this many steps (0: none)"""
     n_seeds: int = 3
     """seeds seed, seed+1, ...: each trains its models and draws its selections"""
     methods: list[str] = field(default_factory=lambda: list(METHODS))

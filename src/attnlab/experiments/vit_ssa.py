@@ -1,5 +1,5 @@
 """SSA on images (arXiv 2306.01705): a ViT trained with dense attention and with stochastically subsampled
-attention, in a regime where the dense model overfits (a 10k-image subset, no augmentation, enough epochs
+attention, in a regime where the dense model overfits (a 2k-image subset, no augmentation, enough epochs
 that dense validation loss turns up).
 
 Variants per seed (same initial weights and batches; SSA has no parameters): dense, and SSA with unbiased and
@@ -25,7 +25,7 @@ from .vit_runs import clone, mean_se, pm, quick, setup, train_vit, with_vit_atte
 class SSAViTConfig(ExperimentConfig):
     data: str = ""
     """a folder of IDX files (Fashion-MNIST: /usr/share/datasets/fashion-mnist) or of class sub-folders"""
-    limit_train: int = 10000
+    limit_train: int = 2000
     """training images (a random subset; 0: all): few enough that the dense model overfits"""
     eval_images: int = 2000
     """test images (validation where the data has no test split) scored per evaluation; 0: all"""
@@ -41,13 +41,13 @@ class SSAViTConfig(ExperimentConfig):
     """attention heads"""
     batch_size: int = 128
     """training images per step"""
-    steps: int = 1600
-    """training steps of each variant (1600 × 128 = 20 epochs of 10k images)"""
+    steps: int = 800
+    """training steps of each variant (800 × 128 = 51 epochs of 2k images)"""
     lr: float = 2e-3
     """peak learning rate (AdamW, cosine decay to lr/100)"""
     warmup_steps: int = 100
     """linear warm-up steps"""
-    eval_every: int = 200
+    eval_every: int = 50
     """validation (loss curves) every this many steps"""
     factors: list[int] = field(default_factory=lambda: [2, 4])
     """SSA subsampling factors S"""
