@@ -1,5 +1,6 @@
-"""What the ViT experiments share: their --quick shrink, data and base run per seed, training a variant through the experiment context,
-scoring a split under an attention mode, and means with standard errors over seeds."""
+"""What the ViT experiments share: their --quick shrink, data and base run per seed, training a variant
+through the experiment context, scoring a split under an attention mode, and means with standard errors over
+seeds."""
 
 from __future__ import annotations
 
