@@ -137,3 +137,26 @@ def test_causal_with_more_queries_than_keys_leaves_the_oldest_queries_empty():
     assert torch.isfinite(out).all()
     assert (out[:, :, :2] == 0).all()
     torch.testing.assert_close(out, reference_attention(q, k, v, causal=True), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "flash"])
+@pytest.mark.parametrize("name", ["noncausal", "causal", "key_padding"])
+def test_a_chosen_sdpa_backend_matches_the_reference(backend, name):
+    from attnlab.attention import build_kernel
+
+    q, k, v, kw = _case(name)
+    kernel = build_kernel("exact", {"sdpa_backend": backend})
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = kernel(q, k, v, **kw)
+    want = reference_attention(*(t.detach().double().requires_grad_() for t in (q, k, v)), **kw)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_an_unknown_sdpa_backend_is_a_one_line_user_error():
+    from attnlab.attention import build_kernel
+    from attnlab.errors import UserError
+
+    with pytest.raises(UserError, match="sdpa_backend must be auto or one of math"):
+        build_kernel("exact", {"sdpa_backend": "fastest"})

@@ -58,6 +58,9 @@ def test_rectangular_images():
     (dict(dropout=1.0), "dropout"),
     (dict(d_ff=0), "d_ff"),
     (dict(pool="max"), "pool"),
+    (dict(patch_kernel=1), "patch_kernel"),
+    (dict(patch_kernel=9), "patch_kernel"),
+    (dict(patch_size=1, patch_kernel=2), "odd"),
 ])
 def test_bad_configs_are_one_line_user_errors(kw, match):
     base = dict(image_size=8, patch_size=2, d_model=16, n_head=2)
@@ -148,6 +151,34 @@ def test_kv_shift_never_mixes_the_first_patch_with_the_class_token():
     torch.testing.assert_close(k_out[:, :, 0], a[..., 0] * k_in[:, :, 0])  # nothing before the class token
     torch.testing.assert_close(k_out[:, :, 1], a[..., 0] * k_in[:, :, 1])  # first patch: reset, no cls mix
     torch.testing.assert_close(k_out[:, :, 2], a[..., 0] * k_in[:, :, 2] + a[..., 1] * k_in[:, :, 1])
+
+
+@pytest.mark.parametrize("patch, kernel", [(2, 2), (2, 3), (2, 5), (2, 6), (4, 7), (4, 8), (1, 3)])
+def test_overlapping_patch_embedding_is_a_linear_map_of_the_window_around_each_patch(patch, kernel):
+    # Reference in float64 by explicit slicing: token (i, j) = W · (the kernel×kernel window whose top-left
+    # corner is ceil((kernel − patch)/2) pixels above and left of patch (i, j), zeros outside the image) + b.
+    model = _model(patch_size=patch, patch_kernel=kernel, pos="none").double()
+    x = _images().double()
+    q = (kernel - patch + 1) // 2
+    padded = F.pad(x, (q, q + kernel, q, q + kernel))
+    w, b = model.patch_embed.weight, model.patch_embed.bias
+    rows, cols = model.cfg.grid_shape
+    want = torch.stack([
+        torch.einsum("bchw,dchw->bd", padded[:, :, i * patch:i * patch + kernel, j * patch:j * patch + kernel], w) + b
+        for i in range(rows) for j in range(cols)], dim=1)
+    got = model.patch_embed(x).flatten(2).transpose(1, 2)
+    assert model.cfg.num_patches == rows * cols == (8 // patch) ** 2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_overlapping_patches_see_their_neighbours_and_plain_ones_do_not():
+    x = _images(b=1)
+    bumped = x.clone()
+    bumped[0, :, 2, 1] += 5.0  # the pixel just left of patch (1, 1) of a 2×2-patch grid
+    for kernel, moved in ((2, False), (4, True)):
+        embed = _model(patch_kernel=kernel).patch_embed
+        tok = lambda im: embed(im)[0, :, 1, 1]  # noqa: E731
+        assert (not torch.allclose(tok(x), tok(bumped))) == moved
 
 
 def test_parameter_count_by_hand():

@@ -82,6 +82,14 @@ def test_idx_data_trains_and_evaluates_on_every_split(tmp_path, capsys):
     assert (tmp_path / "pics" / "confusion_matrix.png").is_file()
     assert main(["eval", "--ckpt", str(run), "--split", "val"]) == 0
     assert _last_json(capsys.readouterr().out)["images"] == round(0.1 * 96)
+    # --tta flip: the mean of the class probabilities of each test image and of its mirror image.
+    assert main(["eval", "--ckpt", str(run), "--split", "test", "--tta", "flip"]) == 0
+    tta = _last_json(capsys.readouterr().out)
+    with torch.no_grad():
+        mirrored = loaded.model(stats.normalize(torch.from_numpy(x)[:, None]).flip(-1)).double()
+    p = (logits.softmax(-1) + mirrored.softmax(-1)) / 2
+    assert tta["tta"] == "flip" and tta["errors"] == int((p.argmax(1) != yt).sum())
+    assert tta["loss"] == pytest.approx(float(-p.gather(1, yt[:, None]).log().mean()), rel=1e-5)
 
 
 def test_a_class_folder_trains_and_evaluates_with_the_same_commands(tmp_path, capsys):
@@ -123,7 +131,10 @@ def test_bad_image_input_is_one_line_and_exit_2(tmp_path, capsys):
     x, _ = _bars(96, 0)
     write_idx(magic / "train-labels-idx1-ubyte.gz", x)  # images where labels belong: magic 0x803
     _fails(capsys, [*train, str(magic)], "magic number")
-    _fails(capsys, [*train, str(_idx_folder(tmp_path / "ok")), "--model.patch_size", "3"], "not divisible")
+    ok = str(_idx_folder(tmp_path / "ok"))
+    _fails(capsys, [*train, ok, "--model.patch_size", "3"], "not divisible")
+    _fails(capsys, [*train, ok, "--model.patch_kernel", "1"], "patch_kernel")
+    _fails(capsys, [*train, ok, "--label_smoothing", "1.5"], "label_smoothing")
 
 
 def test_a_language_model_refuses_the_test_split(tmp_path, capsys):
@@ -134,6 +145,8 @@ def test_a_language_model_refuses_the_test_split(tmp_path, capsys):
                  "--train.progress", "false", "--data.eval_batches", "1"]) == 0
     capsys.readouterr()
     _fails(capsys, ["eval", "--ckpt", str(run), "--split", "test"], "no test split")
+    _fails(capsys, ["eval", "--ckpt", str(run), "--tta", "flip"], "--tta applies to image runs")
+    _fails(capsys, ["eval", "--ckpt", str(run), "--tta", "rotate"], "tta")
 
 
 def test_the_fashion_mnist_recipe_loads_and_names_no_data_path():
@@ -146,3 +159,13 @@ def test_the_fashion_mnist_recipe_loads_and_names_no_data_path():
     cfg = from_dict(ImageRunConfig, raw)
     assert cfg.task == "image" and cfg.data.path == "" and not cfg.out.startswith("/")
     assert 28 % cfg.model.patch_size == 0 and cfg.train.steps * cfg.train.batch_size > 54000  # more than an epoch
+
+
+def test_the_checkpoint_records_label_smoothing_and_resume_refuses_a_change(tmp_path, capsys):
+    data, run = str(_idx_folder(tmp_path / "idx")), tmp_path / "run"
+    train = ["train", "--task", "image", "--data.path", data, "--out", str(run), *TINY]
+    assert main([*train, "--label_smoothing", "0.1"]) == 0
+    assert load_run(run).record["run"]["label_smoothing"] == 0.1
+    capsys.readouterr()
+    _fails(capsys, [*train, "--label_smoothing", "0.2", "--train.resume", "true", "--train.steps", "8"],
+           "label_smoothing 0.1 -> 0.2")

@@ -110,6 +110,19 @@ def test_predict_single_pass_and_self_ensemble():
         task.predict(model, "test")
 
 
+def test_flip_averaged_predictions_do_not_change_when_the_images_are_mirrored():
+    data = _dataset(n_val=12)
+    x, y = data.split("val")
+    mirrored = ImageDataset({"train": data.split("train"), "val": (x.flip(-1), y)}, data.classes, data.mean,
+                            data.std, "mirrored")
+    task, task_m = (ImageClassificationTask(d, batch_size=8, eval_batch_size=5) for d in (data, mirrored))
+    model = _vit(task).eval()
+    plain, plain_m = task.predict(model, "val"), task_m.predict(model, "val")
+    assert not torch.allclose(plain, plain_m)  # the model itself is not mirror-symmetric
+    torch.testing.assert_close(task.predict(model, "val", flip=True), (plain + plain_m) / 2)
+    torch.testing.assert_close(task.predict(model, "val", flip=True), task_m.predict(model, "val", flip=True))
+
+
 def test_classification_metrics_by_hand():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.2, 0.6]])
     labels = torch.tensor([0, 1, 1, 2])
@@ -174,3 +187,19 @@ def test_from_config_reads_a_folder_and_sizes_the_model(tmp_path):
     assert count == 4 and torch.isfinite(loss)
     with pytest.raises(UserError, match="batch sizes"):
         ImageClassificationTask(task.data, batch_size=0)
+    with pytest.raises(UserError, match="label_smoothing"):
+        ImageClassificationTask(task.data, batch_size=4, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
+def test_training_loss_is_cross_entropy_against_smoothed_targets(eps):
+    # By hand in float64: q = (1 − ε)·onehot(y) + ε/C, loss = −Σ q·log softmax(logits), averaged over the batch.
+    task = ImageClassificationTask(_dataset(), batch_size=16, seed=3, label_smoothing=eps)
+    model = _vit(task).double()
+    batch = task.batch(0)
+    batch["x"] = batch["x"].double()
+    loss, count = task.loss(model, batch)
+    logp = torch.log_softmax(model(batch["x"]), -1)
+    q = (1 - eps) * F.one_hot(batch["y"], 4).double() + eps / 4
+    assert count == 16
+    torch.testing.assert_close(loss.double(), -(q * logp).sum(-1).mean())

@@ -28,6 +28,9 @@ class Config:
     stochastic kernels keep subsampling"""
     ensemble: int = 1
     """> 1: average the probabilities of this many stochastic passes (a self-ensemble; implies mode sample)"""
+    tta: Literal["none", "flip"] = "none"
+    """images: flip also scores each image mirrored left-right and averages the two class probabilities
+    (test-time augmentation; sensible for models trained with flips)"""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N"""
     dtype: str = "auto"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 
 
 def config_class(argv: list[str]) -> type:
@@ -16,6 +15,7 @@ def config_class(argv: list[str]) -> type:
 
 
 def main(cfg) -> dict:
+    from ..run.build import run_record
     from ..run.kinds import kind
     from ..training import claim_run_dir, distributed, is_main, train
     from ..training.checkpoint import list_checkpoints
@@ -26,8 +26,7 @@ def main(cfg) -> dict:
         model, cfg = built.model, built.config
         if is_main():
             print(f"model: {model.num_params():,} parameters")
-        res = train(model, built.task, cfg.train, cfg.optim, out_dir=out,
-                    run_config={"task": cfg.task, "model": asdict(cfg.model), "data": asdict(cfg.data)})
+        res = train(model, built.task, cfg.train, cfg.optim, out_dir=out, run_config=run_record(cfg))
         summary = {"steps": res.steps, "tokens_per_s": res.tokens_per_s, "step_s": res.step_s, **res.final}
         if is_main():
             (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

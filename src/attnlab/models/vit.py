@@ -1,10 +1,11 @@
 """A Vision Transformer (Dosovitskiy et al., arXiv 2010.11929) whose attention comes from the registry.
 Read it top to bottom.
 
-images [B, C, H, W] -> non-overlapping P×P patches, each projected to d_model (a strided convolution, which is
-a linear map of the flattened patch) -> row-major token sequence, optionally led by a class token -> plus 2-D
-positions (learned, or fixed sin-cos as in MAE) -> pre-norm blocks with non-causal attention -> final norm ->
-the class token's state or the mean over patch tokens -> linear classification head.
+images [B, C, H, W] -> P×P patches, each projected to d_model (a strided convolution, which is a linear map of
+the flattened patch; with patch_kernel > P, of a larger window centred on it, so neighbouring tokens overlap)
+-> row-major token sequence, optionally led by a class token -> plus 2-D positions (learned, or fixed sin-cos
+as in MAE) -> pre-norm blocks with non-causal attention -> final norm -> the class token's state or the mean
+over patch tokens -> linear classification head.
 
 Attention is built by the same `build_attention_layers` as the language model, so any registered mechanism
 and key/value transform can run in chosen layers. KV shifting mixes each key with its predecessor in sequence
@@ -36,6 +37,9 @@ class ViTConfig:
     """image width; 0: square images"""
     patch_size: int = 4
     """side of the square patches (tokens per image: (H/P)·(W/P), plus the class token)"""
+    patch_kernel: int = 0
+    """side of the patch-embedding window; 0: patch_size (non-overlapping patches). Larger: overlapping
+    patches, each token embedding a window around its patch (zero-padded at the border), same token count"""
     channels: int = 1
     """image channels (taken from the data by `--task image`)"""
     num_classes: int = 10
@@ -77,6 +81,11 @@ class ViTConfig:
             raise UserError(f"ViT num_classes must be at least 2, got {self.num_classes}")
         if self.d_ff is not None and self.d_ff < 1:
             raise UserError(f"ViT d_ff must be positive, got {self.d_ff}")
+        if self.patch_kernel and not self.patch_size <= self.patch_kernel <= min(self.image_size, self.width):
+            raise UserError(f"ViT patch_kernel must be 0 or between patch_size={self.patch_size} and the image side, "
+                            f"got {self.patch_kernel}")
+        if self.patch_kernel and self.patch_size == 1 and self.patch_kernel % 2 == 0:
+            raise UserError(f"with patch_size=1 the patch_kernel must be odd to keep one token per pixel, got {self.patch_kernel}")
         if self.image_size % self.patch_size or self.width % self.patch_size:
             raise UserError(f"image size {self.image_size}x{self.width} is not divisible by patch_size={self.patch_size}")
         if self.d_model % self.n_head:
@@ -95,6 +104,10 @@ class ViTConfig:
     @property
     def width(self) -> int:
         return self.image_width or self.image_size
+
+    @property
+    def kernel(self) -> int:
+        return self.patch_kernel or self.patch_size
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -131,8 +144,10 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        p = cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.channels, cfg.d_model, kernel_size=p, stride=p, bias=cfg.bias)
+        # A window of side k ≥ P moved by P with ceil((k − P)/2) zeros each side gives exactly (H/P)·(W/P) tokens.
+        p, k = cfg.patch_size, cfg.kernel
+        self.patch_embed = nn.Conv2d(cfg.channels, cfg.d_model, kernel_size=k, stride=p, padding=(k - p + 1) // 2,
+                                     bias=cfg.bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model)) if cfg.pool == "cls" else None
         if cfg.pos == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.d_model))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,14 @@ def build_model(cfg: LMConfig, seed: int | None = None, *, paired: bool = False)
     if extra or unexpected:
         raise RuntimeError(f"paired init: unexpected differences {extra + list(unexpected)}")
     return model
+
+
+def run_record(cfg) -> dict:
+    """What a checkpoint records of the run config `cfg` of any kind, for its kind's `load` and for resume checks:
+    every section but the trainer's own (train, optim) and the folder (out)."""
+    return {"task": getattr(cfg, "task", "lm"),
+            **{f.name: asdict(v) if is_dataclass(v := getattr(cfg, f.name)) else v
+               for f in fields(cfg) if f.name not in ("out", "task", "train", "optim")}}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..report import Report
 from ..training import train
 from ..training.device import resolve_device
-from .build import build, build_task, corpus_for, tokenizer_for
+from .build import build, build_task, corpus_for, run_record, tokenizer_for
 from .config import DataConfig, RunConfig, with_train
 
 Kind = Literal["experiment", "benchmark"]
@@ -118,9 +118,7 @@ class Context:
         elif task is None:
             task = build_task(cfg.data, model.cfg, cfg.train.batch_size, cfg.train.seed, tokenizer, corpus=corpus)
         out = self.out / under / name
-        run_config = {"task": getattr(cfg, "task", "lm"), "model": dataclasses.asdict(cfg.model),
-                      "data": dataclasses.asdict(cfg.data)} if record else None
-        res = train(model, task, cfg.train, cfg.optim, out_dir=out, run_config=run_config)
+        res = train(model, task, cfg.train, cfg.optim, out_dir=out, run_config=run_record(cfg) if record else None)
         return model, task, res
 
 

@@ -229,6 +229,8 @@ def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
 
     if cfg.ensemble > 1:
         raise UserError("--ensemble applies to language models; a forecast run is scored with one pass")
+    if cfg.tta != "none":
+        raise UserError("--tta applies to image runs")
     split = "test" if cfg.split == "auto" else cfg.split
     series = series_for(run, cfg.data)
     with attention_mode(run.model, None if cfg.mode == "auto" else cfg.mode):

@@ -48,6 +48,12 @@ class ImageRunConfig:
     """steps, batch size (images), evaluation and checkpoint cadence, seed, device"""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and its learning-rate schedule"""
+    label_smoothing: float = 0.0
+    """train against targets smoothed towards uniform by this much (validation loss stays plain cross-entropy)"""
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def sized_for(model: ViTConfig, data) -> ViTConfig:
@@ -56,9 +62,11 @@ def sized_for(model: ViTConfig, data) -> ViTConfig:
     return replace(model, image_size=h, image_width=0 if w == h else w, channels=c, num_classes=data.num_classes)
 
 
-def image_task(data, data_cfg: ImageDataConfig, batch_size: int, seed: int) -> ImageClassificationTask:
+def image_task(data, data_cfg: ImageDataConfig, batch_size: int, seed: int,
+               label_smoothing: float = 0.0) -> ImageClassificationTask:
     return ImageClassificationTask(data, batch_size, seed, augment=data_cfg.augment, flip=data_cfg.flip,
-                                   crop_padding=data_cfg.crop_padding, eval_batch_size=EVAL_BATCH)
+                                   crop_padding=data_cfg.crop_padding, eval_batch_size=EVAL_BATCH,
+                                   label_smoothing=label_smoothing)
 
 
 def build_model(cfg: ViTConfig, seed: int | None) -> ViT:
@@ -73,7 +81,8 @@ def build(cfg: ImageRunConfig, run_dir: Path | None = None, *, fresh: bool = Tru
     data = data if data is not None else load_images(cfg.data)
     cfg = replace(cfg, model=sized_for(cfg.model, data))
     model = build_model(cfg.model, cfg.train.seed)
-    return Built(model, None, image_task(data, cfg.data, cfg.train.batch_size, cfg.train.seed), cfg)
+    task = image_task(data, cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.label_smoothing)
+    return Built(model, None, task, cfg)
 
 
 def load(record: dict, ckpt, run_dir) -> LoadedRun:
@@ -85,14 +94,14 @@ def load(record: dict, ckpt, run_dir) -> LoadedRun:
 
 
 def evaluate_split(model, task: ImageClassificationTask, split: str, *, mode: str = "auto", k: int = 1, seed: int = 0,
-                   device=None, amp=None) -> tuple[dict, torch.Tensor]:
+                   device=None, amp=None, flip: bool = False) -> tuple[dict, torch.Tensor]:
     """(metrics, probabilities [N, C]) of `model` on every image of `split`; k > 1 averages the class
-    probabilities of k passes (mode "auto" then means "sample")."""
+    probabilities of k passes (mode "auto" then means "sample"), flip also averages those of the mirror image."""
     if k > 1 and mode == "auto":
         mode = "sample"
     device = torch.device(device or next(model.parameters()).device)
     with autocast(device, amp):
-        probs = task.predict(model, split, device, mode=mode, k=k, seed=seed)
+        probs = task.predict(model, split, device, mode=mode, k=k, seed=seed, flip=flip)
     m = classification_metrics(probs, task.labels(split))
     return {"accuracy": m["accuracy"], "loss": m["nll"], "errors": m["errors"], "images": m["n"]}, probs
 
@@ -110,15 +119,16 @@ def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
     t0 = time.perf_counter()
     split = "val" if cfg.split == "auto" else cfg.split
     metrics, probs = evaluate_split(run.model, task, split, mode=cfg.mode, k=cfg.ensemble, seed=cfg.seed,
-                                    device=device, amp=amp)
+                                    device=device, amp=amp, flip=cfg.tta == "flip")
     eval_s = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else run.run_dir / "eval"
     labels, pred = task.labels(split), probs.argmax(1)
-    title = f"{split}, {cfg.mode}" + (f", K={cfg.ensemble}" if cfg.ensemble > 1 else "")
+    title = f"{split}, {cfg.mode}" + (f", K={cfg.ensemble}" if cfg.ensemble > 1 else "") + (
+        ", flip-averaged" if cfg.tta == "flip" else "")
     confusion_matrix_png(out / "confusion_matrix.png", labels, pred, data.classes, title=title)
     misclassified_grid_png(out / "misclassified.png", task.images(split), labels, pred, data.classes,
                            probs=probs, title=title)
-    return {"split": split, **metrics, "eval_s": eval_s, "confusion_matrix": str(out / "confusion_matrix.png"),
+    return {"split": split, "tta": cfg.tta, **metrics, "eval_s": eval_s, "confusion_matrix": str(out / "confusion_matrix.png"),
             "misclassified": str(out / "misclassified.png")}
 
 

@@ -36,6 +36,8 @@ def lm_task(run: LoadedRun, *, batch_size: int, seed: int = 0, seq_len: int | No
 def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
     if cfg.split == "test":
         raise UserError("a language-model run has no test split; use --split val or train")
+    if cfg.tta != "none":
+        raise UserError("--tta applies to image runs")
     model = run.model
     context = cfg.context or model.cfg.max_seq_len
     if context > model.cfg.max_seq_len:

@@ -33,9 +33,13 @@ class ImageClassificationTask:
     """Classify the images of an `ImageDataset`; batches are {"x": float [B, C, H, W] normalised, "y": [B]}."""
 
     def __init__(self, data: ImageDataset, batch_size: int, seed: int = 0, *, augment: bool = True,
-                 flip: bool = True, crop_padding: int | None = None, eval_batch_size: int = 256):
+                 flip: bool = True, crop_padding: int | None = None, eval_batch_size: int = 256,
+                 label_smoothing: float = 0.0):
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.eval_batch_size = eval_batch_size
         self.augment = augment
@@ -73,9 +77,10 @@ class ImageClassificationTask:
             images = augment(images, g, crop_padding=self.crop_padding, flip=self.flip)
         return {"x": self.data.normalize(images.to(device)), "y": y[idx].to(device)}
 
-    @staticmethod
-    def loss(model, batch) -> tuple[torch.Tensor, int]:
-        _, loss = model(batch["x"], batch["y"])
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        """Training loss: cross-entropy against targets smoothed by `label_smoothing` (Szegedy et al. 2016)."""
+        logits = model(batch["x"])
+        loss = F.cross_entropy(logits.float(), batch["y"], label_smoothing=self.label_smoothing)
         return loss, batch["y"].numel()
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -113,12 +118,13 @@ class ImageClassificationTask:
 
     @torch.no_grad()
     def predict(self, model, split: str = "val", device=None, mode: str | None = None, k: int = 1,
-                seed: int | None = None, limit: int | None = None) -> torch.Tensor:
+                seed: int | None = None, limit: int | None = None, flip: bool = False) -> torch.Tensor:
         """Class probabilities [N, C] (float32, CPU) of the images of `split`, in order.
 
         mode: the kernels' attention mode for the passes ("auto", "dense", "sample"; None leaves them as they
         are). k > 1 averages the probabilities of K stochastic passes (a self-ensemble, `ensemble_classify`);
-        "dense" is deterministic, so K is taken as 1 there. seed: fixes the passes' random draws.
+        "dense" is deterministic, so K is taken as 1 there. seed: fixes the passes' random draws. flip: average
+        with the probabilities of the left-right mirror images (test-time augmentation).
         """
         if k < 1:
             raise UserError(f"ensemble size must be at least 1, got {k}")
@@ -131,7 +137,11 @@ class ImageClassificationTask:
             if seed is not None:
                 torch.manual_seed(seed)
             for b in self.eval_batches(split, limit):
-                out.append(ensemble_classify(model, b["x"].to(device), k=k, mode=mode).float().cpu())
+                x = b["x"].to(device)
+                probs = ensemble_classify(model, x, k=k, mode=mode).float()
+                if flip:
+                    probs = (probs + ensemble_classify(model, x.flip(-1), k=k, mode=mode).float()) / 2
+                out.append(probs.cpu())
         if not out:
             raise UserError(f"the {split} split has no images to predict")
         return torch.cat(out)

@@ -21,10 +21,9 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "train_state.pt")
 TRAJECTORY = {
     "optim": None,  # every field
     "train": ("batch_size", "grad_accum", "seed", "dtype", "dense_finetune_steps"),
-    "run": ("model", "data"),
+    "run": None,  # model, data and a kind's own top-level settings (an image run's label_smoothing)
     "world": None,
 }
-_OPTION_NAMES = {"run.model": "model", "run.data": "data"}  # as the command line spells them
 
 
 def latest_complete(out: Path) -> Path | None:
@@ -118,7 +117,5 @@ def _diff(name: str, old, new) -> list[tuple[str, object, object]]:
 
 
 def _option(name: str) -> str:
-    for prefix, spelled in _OPTION_NAMES.items():
-        if name == prefix or name.startswith(prefix + "."):
-            return spelled + name[len(prefix):]
-    return name
+    """A recorded setting as the command line spells it: run.model.d_model -> model.d_model."""
+    return name.removeprefix("run.")
