@@ -72,7 +72,8 @@ class ExactConfig:
 
     def __post_init__(self):
         if self.sdpa_backend != "auto" and self.sdpa_backend not in SDPA_BACKENDS:
-            raise UserError(f"sdpa_backend must be auto or one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+            raise UserError(f"sdpa_backend must be auto or one of {', '.join(SDPA_BACKENDS)}, "
+                            f"got {self.sdpa_backend!r}")
 
 
 @register_kernel("exact", ExactConfig, Capabilities(), "exact softmax attention (torch SDPA)")
@@ -80,7 +81,7 @@ class ExactAttention(Kernel):
     """Exact softmax attention (torch SDPA)."""
 
     def attend(self, q, k, v, *, causal, mask, scale, return_lse):
-        backend = (self.config.sdpa_backend if self.config is not None else "auto")
+        backend = self.config.sdpa_backend if self.config is not None else "auto"
         if backend == "auto":
             return exact_attention(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=return_lse)
         with sdpa_kernel([SDPA_BACKENDS[backend]]):

@@ -85,7 +85,8 @@ class ViTConfig:
             raise UserError(f"ViT patch_kernel must be 0 or between patch_size={self.patch_size} and the image side, "
                             f"got {self.patch_kernel}")
         if self.patch_kernel and self.patch_size == 1 and self.patch_kernel % 2 == 0:
-            raise UserError(f"with patch_size=1 the patch_kernel must be odd to keep one token per pixel, got {self.patch_kernel}")
+            raise UserError(f"with patch_size=1 the patch_kernel must be odd to keep one token per pixel, "
+                            f"got {self.patch_kernel}")
         if self.image_size % self.patch_size or self.width % self.patch_size:
             raise UserError(f"image size {self.image_size}x{self.width} is not divisible by patch_size={self.patch_size}")
         if self.d_model % self.n_head:
