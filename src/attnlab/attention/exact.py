@@ -80,9 +80,11 @@ class ExactConfig:
 class ExactAttention(Kernel):
     """Exact softmax attention (torch SDPA)."""
 
+    def __init__(self, config: ExactConfig | None = None):
+        super().__init__(config or ExactConfig())
+
     def attend(self, q, k, v, *, causal, mask, scale, return_lse):
-        backend = self.config.sdpa_backend if self.config is not None else "auto"
-        if backend == "auto":
+        if self.config.sdpa_backend == "auto":
             return exact_attention(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=return_lse)
-        with sdpa_kernel([SDPA_BACKENDS[backend]]):
+        with sdpa_kernel([SDPA_BACKENDS[self.config.sdpa_backend]]):
             return exact_attention(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=return_lse)

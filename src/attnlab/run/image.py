@@ -21,7 +21,13 @@ from ..config import from_dict
 from ..data.images import ImageDataConfig, load_images
 from ..errors import UserError
 from ..models.vit import ViT, ViTConfig
-from ..tasks.image import ImageClassificationTask, classification_metrics, confusion_matrix_png, misclassified_grid_png
+from ..tasks.image import (
+    ImageClassificationTask,
+    check_label_smoothing,
+    classification_metrics,
+    confusion_matrix_png,
+    misclassified_grid_png,
+)
 from ..training import OptimConfig, TrainConfig
 from ..training.checkpoint import load_weights
 from ..training.device import autocast
@@ -52,8 +58,7 @@ class ImageRunConfig:
     """train against targets smoothed towards uniform by this much (validation loss stays plain cross-entropy)"""
 
     def __post_init__(self):
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_label_smoothing(self.label_smoothing)  # when the options are parsed, not when training starts
 
 
 def sized_for(model: ViTConfig, data) -> ViTConfig:
@@ -123,13 +128,17 @@ def evaluate_run(run: LoadedRun, cfg, device, amp) -> dict:
     eval_s = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else run.run_dir / "eval"
     labels, pred = task.labels(split), probs.argmax(1)
-    title = f"{split}, {cfg.mode}" + (f", K={cfg.ensemble}" if cfg.ensemble > 1 else "") + (
-        ", flip-averaged" if cfg.tta == "flip" else "")
+    parts = [split, cfg.mode]
+    if cfg.ensemble > 1:
+        parts.append(f"K={cfg.ensemble}")
+    if cfg.tta == "flip":
+        parts.append("flip-averaged")
+    title = ", ".join(parts)
     confusion_matrix_png(out / "confusion_matrix.png", labels, pred, data.classes, title=title)
     misclassified_grid_png(out / "misclassified.png", task.images(split), labels, pred, data.classes,
                            probs=probs, title=title)
-    return {"split": split, "tta": cfg.tta, **metrics, "eval_s": eval_s, "confusion_matrix": str(out / "confusion_matrix.png"),
-            "misclassified": str(out / "misclassified.png")}
+    return {"split": split, "tta": cfg.tta, **metrics, "eval_s": eval_s,
+            "confusion_matrix": str(out / "confusion_matrix.png"), "misclassified": str(out / "misclassified.png")}
 
 
 register(Kind("image", ImageRunConfig, build, load, evaluate_run,

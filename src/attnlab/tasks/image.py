@@ -25,8 +25,15 @@ from ..inference.ensemble import ensemble_classify
 from ..training.trainer import batch_generator
 from .image_plots import confusion_matrix, confusion_matrix_png, misclassified_grid_png
 
-__all__ = ["ImageClassificationTask", "classification_metrics", "confusion_matrix", "confusion_matrix_png",
-           "misclassified_grid_png"]
+__all__ = ["ImageClassificationTask", "check_label_smoothing", "classification_metrics", "confusion_matrix",
+           "confusion_matrix_png", "misclassified_grid_png"]
+
+
+def check_label_smoothing(eps: float) -> float:
+    """`eps` if it is a usable label-smoothing amount, else a one-line UserError."""
+    if not 0.0 <= eps < 1.0:
+        raise UserError(f"label_smoothing must be in [0, 1), got {eps}")
+    return eps
 
 
 class ImageClassificationTask:
@@ -37,9 +44,7 @@ class ImageClassificationTask:
                  label_smoothing: float = 0.0):
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.eval_batch_size = eval_batch_size
         self.augment = augment
